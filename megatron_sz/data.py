@@ -1,0 +1,334 @@
+"""Data contracts of a co-evolution round, and their JSONL files.
+
+Four record types flow between the roles:
+
+* ``Problem``         -- a curriculum entry (seed, teacher refinement, generator output, user).
+* ``Trajectory``      -- one solver attempt at a problem, with its verdict.
+* ``PreferencePair``  -- (prompt, chosen, rejected) for the solver's DPO.
+* ``WeightedExample`` -- (prompt, target, weight) for the generator's weighted SFT.
+
+JSONL rules, shared by every file the project reads or writes:
+
+* A malformed line raises ``DataError`` naming ``file:line``, the field and the fix.
+* Unknown fields are preserved in ``extra`` and written back unchanged.
+* ``write_jsonl`` is atomic (temp file + fsync + rename): a killed writer leaves either
+  the old file or the new one, never half a file.
+* ``JsonlAppender`` is for resumable shards: each record is one line written with a
+  flush+fsync. A killed run leaves at most one partial last line, which readers given
+  ``allow_partial_tail=True`` drop (that record was in flight and is redone).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from megatron_sz.errors import DataError
+
+PROVENANCES = ("seed", "teacher", "generator", "user")
+VERIFIERS = ("rule", "judge", "reference", "none")
+PAIR_ORIGINS = ("solver_pair", "reference_winner")
+
+T = TypeVar("T")
+
+
+@dataclass
+class Problem:
+    """One curriculum problem."""
+
+    id: str
+    problem: str
+    answer: str
+    solution: str | None = None
+    subject: str | None = None
+    level: int | None = None
+    provenance: str = "seed"
+    parent_id: str | None = None
+    round: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "id", "problem", "answer")
+        _require_choice(self, "provenance", PROVENANCES)
+        if self.level is not None and not (1 <= self.level <= 5):
+            raise ValueError(f"field 'level': {self.level} is outside 1..5")
+        if self.round < 0:
+            raise ValueError(f"field 'round': {self.round} must be >= 0")
+
+
+@dataclass
+class Trajectory:
+    """One sampled solver attempt, verified."""
+
+    problem_id: str
+    sample_index: int
+    text: str
+    extracted_answer: str | None = None
+    correct: bool | None = None
+    verifier: str = "none"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "problem_id")
+        if self.sample_index < 0:
+            raise ValueError(f"field 'sample_index': {self.sample_index} must be >= 0")
+        _require_choice(self, "verifier", VERIFIERS)
+
+
+@dataclass
+class PreferencePair:
+    """A DPO pair: the same prompt with a preferred and a dispreferred completion."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    problem_id: str
+    origin: str = "solver_pair"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "prompt", "chosen", "rejected", "problem_id")
+        _require_choice(self, "origin", PAIR_ORIGINS)
+
+
+@dataclass
+class WeightedExample:
+    """A weighted-SFT example for the generator.
+
+    ``weight_source`` says where ``weight`` came from, e.g.
+    ``{"kind": "gaussian", "success_rate": 0.375, "mu": 0.5, "sigma": 0.2, "k": 8}``.
+    """
+
+    prompt: str
+    target: str
+    weight: float
+    weight_source: dict = field(default_factory=dict)
+    problem_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "prompt", "target")
+        w = float(self.weight)
+        if not (w == w and w >= 0.0 and w != float("inf")):
+            raise ValueError(f"field 'weight': {self.weight!r} must be a finite number >= 0")
+
+
+def _require_text(rec: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(rec, name)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"field {name!r} must be a non-empty string, got {value!r}")
+
+
+def _require_choice(rec: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(rec, name)
+    if value not in choices:
+        raise ValueError(f"field {name!r} is {value!r}; expected one of {', '.join(choices)}")
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Loose runtime check of a JSON value against a dataclass field annotation."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        hint = origin
+    try:
+        return isinstance(value, hint)
+    except TypeError:
+        return True
+
+
+def record_from_dict(cls: type[T], obj: Any, *, where: str = "") -> T:
+    """Build a record of type ``cls`` from a decoded JSON object.
+
+    Raises ``DataError`` naming ``where`` (usually ``file:line``) and the bad field.
+    Keys that ``cls`` does not declare go into ``extra``.
+    """
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}", where=where,
+                        fix=f"each line must be one JSON object with the fields of {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+    kwargs: dict[str, Any] = {}
+    extra = dict(obj.get("extra") or {}) if isinstance(obj.get("extra"), dict) else {}
+    for key, value in obj.items():
+        if key == "extra":
+            continue
+        if key in fields:
+            if not _type_ok(value, hints[key]):
+                raise DataError(
+                    f"field {key!r} has {type(value).__name__} value {value!r:.60}; "
+                    f"expected {_hint_name(hints[key])}", where=where,
+                    fix=f"correct the {key!r} value of this {cls.__name__} record")
+            kwargs[key] = value
+        else:
+            extra[key] = value
+    missing = [n for n, f in fields.items()
+               if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    if missing:
+        raise DataError(f"missing required field(s) {', '.join(repr(m) for m in missing)}",
+                        where=where, fix=f"add them; a {cls.__name__} has the fields "
+                        f"{', '.join(fields)}")
+    rec = cls(**kwargs, extra=extra)  # type: ignore[call-arg]
+    validate = getattr(rec, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as exc:
+            raise DataError(str(exc), where=where,
+                            fix=f"correct this {cls.__name__} record") from None
+    return rec
+
+
+def _hint_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if args:
+        return " or ".join(_hint_name(a) for a in args)
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def record_to_dict(rec: Any) -> dict:
+    """Flatten a record to a JSON object; ``extra`` keys are written at top level."""
+    if isinstance(rec, dict):
+        return rec
+    out = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec) if f.name != "extra"}
+    extra = getattr(rec, "extra", None) or {}
+    for key, value in extra.items():
+        out.setdefault(key, value)
+    return out
+
+
+# --------------------------------------------------------------------------- JSONL files
+
+
+def iter_jsonl(path: str | Path, cls: type[T] | None = None, *,
+               allow_partial_tail: bool = False) -> Iterator[T]:
+    """Yield records (or dicts if ``cls`` is None) from a JSONL file.
+
+    Blank lines are skipped. With ``allow_partial_tail`` a last line without a newline
+    that does not parse (a writer killed mid-line) is dropped instead of raising.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"file not found: {path}", fix="check the path")
+    with path.open("r", encoding="utf-8") as fh:
+        lines = fh.readlines()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if allow_partial_tail and lineno == len(lines) and not line.endswith("\n"):
+                return
+            raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", where=where,
+                            fix="each line must be one complete JSON object") from None
+        yield record_from_dict(cls, obj, where=where) if cls is not None else obj
+
+
+def read_jsonl(path: str | Path, cls: type[T] | None = None, *,
+               allow_partial_tail: bool = False) -> list[T]:
+    return list(iter_jsonl(path, cls, allow_partial_tail=allow_partial_tail))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def dumps_record(rec: Any) -> str:
+    return json.dumps(record_to_dict(rec), ensure_ascii=False, sort_keys=False)
+
+
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
+    """Atomically write records (dataclasses or dicts) as JSONL; returns the count."""
+    lines = [dumps_record(r) + "\n" for r in records]
+    atomic_write_text(path, "".join(lines))
+    return len(lines)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+class JsonlAppender:
+    """Append records one durable line at a time (for resumable, keyed shards).
+
+    ``key`` extracts the record id; ``done`` holds the ids already in the file, so a
+    rerun can skip them. A partial last line left by a killed writer is cut off first,
+    so the file stays valid JSONL.
+    """
+
+    def __init__(self, path: str | Path, key: Callable[[dict], str], cls: type | None = None):
+        self.path = Path(path)
+        self.key = key
+        self.cls = cls
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done: set[str] = set()
+        if self.path.exists():
+            self._truncate_partial_tail()
+            for obj in iter_jsonl(self.path):
+                self.done.add(key(obj))
+        self._fh = self.path.open("a", encoding="utf-8")
+
+    def _truncate_partial_tail(self) -> None:
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            with self.path.open("r+b") as fh:
+                fh.truncate(cut)
+
+    def append(self, rec: Any) -> bool:
+        """Write ``rec`` unless its key is already present. Returns True if written."""
+        obj = record_to_dict(rec)
+        k = self.key(obj)
+        if k in self.done:
+            return False
+        self._fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.done.add(k)
+        return True
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "JsonlAppender":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

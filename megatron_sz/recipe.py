@@ -1,0 +1,510 @@
+"""Recipes: one YAML file describes a whole co-evolution run.
+
+One dataclass per concern, every field documented, validated at load time:
+
+* an unknown key names the key, its path and the closest valid key;
+* a wrong type or an out-of-range value names the field path and what was expected;
+* nothing is submitted or trained before the whole recipe validates.
+
+``load_recipe(path)`` returns a ``Recipe``. Relative paths inside a recipe are resolved
+against the recipe file's folder (``Recipe.resolve_path``), so a recipe and its
+tokenizer/seed files can move together.
+
+To add a field: add it to the right dataclass with a default and a docstring line, and
+validate it in that class's ``check()`` if it has a range. Loading handles the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from megatron_sz.errors import RecipeError
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelSpec:
+    """Which network a role trains or serves.
+
+    Exactly one source: ``hf_path`` (an HF checkpoint folder: config.json, weights,
+    tokenizer), or ``config`` (an inline HF-style config dict for tiny random models,
+    e.g. ``{architectures: [Qwen3ForCausalLM], hidden_size: 64, ...}``).
+    ``mcore_checkpoint`` optionally starts from a converted Megatron checkpoint.
+    """
+
+    hf_path: str | None = None
+    config: dict | None = None
+    mcore_checkpoint: str | None = None
+    tokenizer: str | None = None  # HF folder or SentencePiece .model; default: hf_path / recipe tokenizer
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # training/serving dtype on GPU; CPU always runs fp32
+    make_vocab_size_divisible_by: int = 128
+
+    def check(self) -> None:
+        if (self.hf_path is None) == (self.config is None):
+            raise ValueError("set exactly one of 'hf_path' (HF checkpoint folder) or 'config' (inline HF config)")
+
+
+@dataclass
+class ParallelSpec:
+    """Megatron parallel layout of a training job. dp = world_size / (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    nodes: int = 1
+    gpus_per_node: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True  # GPU only; CPU (gloo) always uses the plain optimizer
+    recompute: Literal["none", "selective", "full"] = "none"
+    virtual_pp: int | None = None
+
+    def check(self) -> None:
+        for name in ("tp", "pp", "nodes", "gpus_per_node"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"field {name!r} must be >= 1")
+        world = self.nodes * self.gpus_per_node
+        if world % (self.tp * self.pp):
+            raise ValueError(f"world size {world} (nodes*gpus_per_node) is not divisible by "
+                             f"tp*pp = {self.tp * self.pp}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+
+@dataclass
+class OptimSpec:
+    """AdamW with linear warm-up then decay."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    clip_grad: float = 1.0
+
+    def check(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("field 'lr' must be > 0")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError("field 'min_lr' must be in [0, lr]")
+
+
+@dataclass
+class TrainSpec:
+    """Options every training job shares."""
+
+    max_length: int = 2048
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    epochs: int = 1
+    max_steps: int | None = None
+    batching: Literal["length_sorted", "packed", "none"] = "length_sorted"
+    overlong: Literal["truncate", "drop"] = "truncate"
+    save_interval: int = 0  # 0: only at the end (and on preemption)
+    log_interval: int = 1
+    eval_fraction: float = 0.0  # held-out share of the input file for per-step eval lines
+    export_hf: bool = True
+    optim: OptimSpec = field(default_factory=OptimSpec)
+
+    def check(self) -> None:
+        if self.max_length < 8:
+            raise ValueError("field 'max_length' must be >= 8")
+        if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
+            raise ValueError("need 1 <= micro_batch_size <= global_batch_size")
+        if not (0.0 <= self.eval_fraction < 1.0):
+            raise ValueError("field 'eval_fraction' must be in [0, 1)")
+
+
+@dataclass
+class SFTSpec(TrainSpec):
+    """Solver SFT warm-up: NLL on reference solutions."""
+
+
+@dataclass
+class DPOSpec(TrainSpec):
+    """Solver online DPO. All options of ``fused_linear_dpo_loss``."""
+
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    label_smoothing: float = 0.0
+    nll_alpha: float = 0.0
+    reference_free: bool = False
+    simpo_gamma: float = 0.5
+
+    def check(self) -> None:
+        TrainSpec.check(self)
+        if self.beta <= 0:
+            raise ValueError("field 'beta' must be > 0")
+        if not (0.0 <= self.label_smoothing < 0.5):
+            raise ValueError("field 'label_smoothing' must be in [0, 0.5)")
+
+
+@dataclass
+class WSFTSpec(TrainSpec):
+    """Generator weighted SFT with U(s) = exp(-(s-mu)^2 / (2 sigma^2))."""
+
+    mu: float = 0.5
+    sigma: float = 0.2
+    normalization: Literal["sum", "sequence", "token"] = "sum"
+
+    def check(self) -> None:
+        TrainSpec.check(self)
+        if self.sigma <= 0:
+            raise ValueError("field 'sigma' must be > 0")
+
+
+@dataclass
+class SamplingSpec:
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_tokens: int = 2048
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("field 'temperature' must be >= 0")
+        if not (0 < self.top_p <= 1):
+            raise ValueError("field 'top_p' must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise ValueError("field 'max_tokens' must be >= 1")
+
+
+@dataclass
+class BackendSpec:
+    """An inference backend: vLLM offline batch, OpenAI-compatible HTTP, or local CPU."""
+
+    kind: Literal["vllm", "openai", "local"] = "local"
+    model: str | None = None  # served model name (openai) or checkpoint path (vllm/local)
+    endpoints: list[str] = field(default_factory=list)  # base URLs, e.g. http://host:8000/v1
+    api: Literal["chat", "completions"] = "chat"
+    api_key: str | None = None  # or env OPENAI_API_KEY
+    concurrency: int = 32
+    timeout_s: float = 600.0
+    max_retries: int = 6
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    tensor_parallel_size: int = 1  # vllm
+    gpu_memory_utilization: float = 0.9  # vllm
+    max_model_len: int | None = None  # vllm
+
+    def check(self) -> None:
+        if self.kind == "openai" and not self.endpoints:
+            raise ValueError("kind 'openai' needs at least one URL in 'endpoints'")
+        if self.concurrency < 1:
+            raise ValueError("field 'concurrency' must be >= 1")
+
+
+@dataclass
+class RolloutSpec:
+    """How a role samples: k samples per prompt, sharded for SLURM arrays."""
+
+    k: int = 8
+    shards: int = 1
+    prompt_template: str | None = None  # None: the packaged template for this role
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    backend: BackendSpec = field(default_factory=BackendSpec)
+
+    def check(self) -> None:
+        if self.k < 1 or self.shards < 1:
+            raise ValueError("fields 'k' and 'shards' must be >= 1")
+
+
+@dataclass
+class SolverRole:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    sft: SFTSpec = field(default_factory=SFTSpec)
+    dpo: DPOSpec = field(default_factory=DPOSpec)
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)
+
+
+@dataclass
+class GeneratorRole:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    wsft: WSFTSpec = field(default_factory=WSFTSpec)
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)
+    enabled: bool = True
+
+
+@dataclass
+class TeacherRole:
+    """The frozen teacher: ``symbolic`` (no LLM, the embedded default) or ``llm``."""
+
+    kind: Literal["symbolic", "llm"] = "symbolic"
+    backend: BackendSpec = field(default_factory=BackendSpec)
+    judge: Literal["never", "undecided", "always"] = "undecided"  # when the LLM judge runs
+    judge_spot_check: float = 0.0  # share of rule-decided answers re-checked by the judge
+    verify_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=0.1, max_tokens=512))
+    refine_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=0.7, max_tokens=4096))
+    self_verify_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=0.1, max_tokens=4096))
+    max_parse_retries: int = 3
+    refinements_per_failure: int = 1
+    templates_dir: str | None = None  # override the packaged prompt templates
+    shards: int = 1
+    seed: int = 0  # symbolic teacher
+
+
+@dataclass
+class CurriculumSpec:
+    replay_ratio: float = 0.25  # share of historical (non-new) problems in a round's active set
+    max_active: int | None = None  # cap on problems rolled out per round
+    near_dup_threshold: float = 0.9  # Jaccard similarity of word 3-grams above which a problem is a duplicate
+    mastered_threshold: float = 1.0  # success rate at/above which a problem is mastered
+    too_hard_threshold: float = 0.0  # success rate at/below which a problem is deferred
+    recheck_every: int = 2  # rounds between re-checks of deferred problems
+    max_refinements_per_round: int | None = None
+    contamination_files: list[str] = field(default_factory=list)  # benchmark files to filter against
+    contamination_ngram: int = 13
+
+    def check(self) -> None:
+        if not (0.0 <= self.replay_ratio <= 1.0):
+            raise ValueError("field 'replay_ratio' must be in [0, 1]")
+        if not (0.0 < self.near_dup_threshold <= 1.0):
+            raise ValueError("field 'near_dup_threshold' must be in (0, 1]")
+
+
+@dataclass
+class EvalSpec:
+    enabled: bool = False
+    heldout_file: str | None = None  # problems for per-round solver accuracy
+    heldout_size: int = 64  # when generated (symbolic) instead of read from a file
+    benchmarks: list[str] = field(default_factory=list)  # benchmark files for `megatron-sz eval`
+    k: int = 1
+    sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=0.0, max_tokens=256))
+
+
+@dataclass
+class SlurmRoleSpec:
+    """SLURM resources of one role's jobs."""
+
+    partition: str = "batch"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem: str | None = None
+    time: str = "04:00:00"
+    account: str | None = None
+    qos: str | None = None
+    env_setup: list[str] = field(default_factory=list)  # shell lines run before the step (module load, venv, ...)
+    container: str | None = None  # container image (pyxis --container-image) for this role
+    array_throttle: int = 4  # at most this many array tasks at once (%N)
+    extra_sbatch: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SlurmSpec:
+    solver: SlurmRoleSpec = field(default_factory=lambda: SlurmRoleSpec(partition="solver"))
+    teacher: SlurmRoleSpec = field(default_factory=lambda: SlurmRoleSpec(partition="teacher"))
+    generator: SlurmRoleSpec = field(default_factory=lambda: SlurmRoleSpec(partition="generator"))
+    signal_seconds: int = 120  # --signal=B:USR1@N: checkpoint this long before the time limit
+    requeue: bool = True
+    python: str = "python3"  # interpreter on the compute nodes
+
+
+@dataclass
+class TokenizerSpec:
+    """Tokenizer for roles without their own HF tokenizer (tiny models).
+
+    ``kind: sentencepiece`` with ``train: true`` trains a small model from the seed file
+    and the symbolic teacher's text into the run directory, with no downloads.
+    """
+
+    kind: Literal["hf", "sentencepiece"] = "hf"
+    path: str | None = None
+    train: bool = False
+    vocab_size: int = 512
+
+
+@dataclass
+class WandbSpec:
+    project: str | None = None  # set to log online; otherwise WANDB_MODE=offline
+    entity: str | None = None
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+@dataclass
+class Recipe:
+    """A whole co-evolution run."""
+
+    name: str = "run"
+    seed: int = 1234
+    rounds: int = 3
+    run_dir: str | None = None  # default: runs/<name>
+    seeds_file: str = "seeds/socratic100.jsonl"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    solver: SolverRole = field(default_factory=SolverRole)
+    teacher: TeacherRole = field(default_factory=TeacherRole)
+    generator: GeneratorRole = field(default_factory=GeneratorRole)
+    curriculum: CurriculumSpec = field(default_factory=CurriculumSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    wandb: WandbSpec = field(default_factory=WandbSpec)
+    # Set by load_recipe, not by the YAML.
+    source: str | None = field(default=None, metadata={"internal": True})
+
+    def check(self) -> None:
+        if self.rounds < 0:
+            raise ValueError("field 'rounds' must be >= 0")
+
+    def resolve_path(self, value: str | None) -> Path | None:
+        """Resolve a path written in the recipe: absolute, else relative to the recipe file,
+        else relative to the working directory, else a packaged resource."""
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return p
+        if self.source:
+            cand = Path(self.source).resolve().parent / p
+            if cand.exists():
+                return cand
+        if p.exists():
+            return p.resolve()
+        from megatron_sz.paths import RESOURCES, resolve_resource
+        if p.parts and p.parts[0] in RESOURCES:
+            return resolve_resource(p, p.parts[0]).resolve()
+        return p.resolve()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(value: Any, hint: Any, path: str, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for h in args:
+            if h is type(None):
+                continue
+            try:
+                return _convert(value, h, path, where)
+            except RecipeError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_txt = f"; did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"{path} is {value!r}; expected one of {', '.join(repr(a) for a in args)}{hint_txt}",
+                              where=where)
+        return value
+    if _is_dataclass_type(hint):
+        return from_dict(hint, value, path=path, where=where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{path} must be true or false, got {value!r}", where=where)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{path} must be an integer, got {value!r}", where=where)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads 1e-6 without a dot as a string; accept numeric strings.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise RecipeError(f"{path} must be a number, got {value!r}", where=where)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise RecipeError(f"{path} must be a string, got {value!r}", where=where)
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{path} must be a list, got {value!r}", where=where)
+        (item,) = args or (Any,)
+        return [_convert(v, item, f"{path}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path} must be a mapping, got {value!r}", where=where)
+        return dict(value)
+    return value
+
+
+def from_dict(cls: type, data: Any, *, path: str = "", where: str = "recipe") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with a suggestion."""
+    label = path or "recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{label} must be a mapping of keys to values, got {type(data).__name__}", where=where)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            suggestion = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
+            raise RecipeError(f"unknown key {key_path!r}", where=where, fix=suggestion)
+        kwargs[key] = _convert(value, hints[key], key_path, where)
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as exc:
+            raise RecipeError(f"{label}: {exc}", where=where) from None
+    return obj
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Load and validate a recipe YAML. ``overrides`` are dotted keys, e.g. {"rounds": 1}."""
+    import yaml
+
+    from megatron_sz.paths import resolve_resource
+
+    p = resolve_resource(path, "recipes")
+    if not p.is_file():
+        raise RecipeError(f"recipe not found: {path}",
+                          fix="pass a YAML file path, or a name from the recipes/ folder")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise RecipeError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    recipe = from_dict(Recipe, data, where=str(p))
+    recipe.source = str(p.resolve())
+    return recipe
+
+
+def recipe_to_dict(recipe: Any) -> dict:
+    """Plain dict of a recipe (or any section), e.g. to record in a run directory."""
+    return {f.name: (recipe_to_dict(getattr(recipe, f.name))
+                     if dataclasses.is_dataclass(getattr(recipe, f.name)) else getattr(recipe, f.name))
+            for f in dataclasses.fields(recipe) if not f.metadata.get("internal")}
