@@ -32,22 +32,69 @@ from megatron_sz.errors import RecipeError
 class ModelSpec:
     """Which network a role trains or serves.
 
-    Exactly one source: ``hf_path`` (an HF checkpoint folder: config.json, weights,
-    tokenizer), or ``config`` (an inline HF-style config dict for tiny random models,
-    e.g. ``{architectures: [Qwen3ForCausalLM], hidden_size: 64, ...}``).
+    Sources: ``hf_path`` (an HF checkpoint folder: config.json, weights, tokenizer) and/or
+    ``config``: an inline HF-style config dict for tiny random models (e.g.
+    ``{architectures: [Qwen3ForCausalLM], hidden_size: 64, ...}``), or the path of a
+    config JSON (``models/qwen3-8b.json``, resolved relative to the recipe, then the
+    packaged recipes/ folder). ``load_recipe`` replaces a path by the dict it holds, so
+    after loading ``config`` is always a dict or None (``config_path`` keeps the file).
+    With both, ``hf_path`` wins wherever its config.json exists; ``config`` then only
+    describes the architecture for ``megatron-sz plan`` before the checkpoint is on disk.
     ``mcore_checkpoint`` optionally starts from a converted Megatron checkpoint.
     """
 
     hf_path: str | None = None
-    config: dict | None = None
+    config: dict | str | None = None
     mcore_checkpoint: str | None = None
     tokenizer: str | None = None  # HF folder or SentencePiece .model; default: hf_path / recipe tokenizer
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # training/serving dtype on GPU; CPU always runs fp32
     make_vocab_size_divisible_by: int = 128
+    config_path: str | None = field(default=None, metadata={"internal": True})  # set by load_recipe
 
     def check(self) -> None:
-        if (self.hf_path is None) == (self.config is None):
-            raise ValueError("set exactly one of 'hf_path' (HF checkpoint folder) or 'config' (inline HF config)")
+        if self.hf_path is None and self.config is None:
+            raise ValueError("set 'hf_path' (HF checkpoint folder) or 'config' (inline HF config or a config JSON path)")
+        if self.make_vocab_size_divisible_by < 1:
+            raise ValueError("field 'make_vocab_size_divisible_by' must be >= 1")
+
+    def resolve_config(self, recipe: "Recipe", *, where: str) -> None:
+        """Load ``config`` given as a path (relative to the recipe) into a dict."""
+        import json
+
+        if not isinstance(self.config, str):
+            return
+        path = recipe.resolve_path(self.config)
+        if path is None or not path.is_file():  # a packaged config, e.g. models/qwen3-8b.json
+            from megatron_sz.paths import resolve_resource
+            path = resolve_resource(self.config, "recipes")
+        if not path.is_file():
+            raise RecipeError(f"{where}.config: model config file not found: {self.config}", where=recipe.source,
+                              fix="give a path relative to the recipe file, e.g. models/qwen3-8b.json")
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"invalid JSON in model config: {exc.msg}", where=f"{path}:{exc.lineno}") from None
+        if not isinstance(cfg, dict):
+            raise RecipeError(f"{where}.config: {path} must hold a JSON object", where=recipe.source)
+        self.config, self.config_path = cfg, str(path)
+
+    def hf_config(self, recipe: "Recipe | None" = None, *, where: str = "model") -> dict:
+        """The HF config dict: ``hf_path``/config.json if it exists, else ``config``."""
+        import json
+
+        if self.hf_path is not None:
+            root = recipe.resolve_path(self.hf_path) if recipe is not None else Path(self.hf_path).expanduser()
+            cfg_file = root / "config.json" if root is not None else None
+            if cfg_file is not None and cfg_file.is_file():
+                return json.loads(cfg_file.read_text(encoding="utf-8"))
+            if not isinstance(self.config, dict):
+                raise RecipeError(f"{where}.hf_path: no config.json in {root}",
+                                  fix="download/copy the checkpoint there, or add 'config: models/<name>.json'")
+        if isinstance(self.config, str):
+            if recipe is None:
+                raise RecipeError(f"{where}.config is a path; load the recipe with load_recipe to resolve it")
+            self.resolve_config(recipe, where=where)
+        return dict(self.config)
 
 
 @dataclass
@@ -67,6 +114,10 @@ class ParallelSpec:
         for name in ("tp", "pp", "nodes", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise ValueError(f"field {name!r} must be >= 1")
+        if self.sequence_parallel and self.tp < 2:
+            raise ValueError("field 'sequence_parallel' needs tp >= 2")
+        if self.virtual_pp is not None and (self.virtual_pp < 1 or (self.virtual_pp > 1 and self.pp < 2)):
+            raise ValueError("field 'virtual_pp' must be >= 1, and > 1 only with pp >= 2")
         world = self.nodes * self.gpus_per_node
         if world % (self.tp * self.pp):
             raise ValueError(f"world size {world} (nodes*gpus_per_node) is not divisible by "
@@ -100,6 +151,8 @@ class OptimSpec:
             raise ValueError("field 'lr' must be > 0")
         if self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError("field 'min_lr' must be in [0, lr]")
+        if self.warmup_steps < 0 or self.clip_grad < 0:
+            raise ValueError("fields 'warmup_steps' and 'clip_grad' must be >= 0 (clip_grad 0: no clipping)")
 
 
 @dataclass
@@ -116,6 +169,10 @@ class TrainSpec:
     save_interval: int = 0  # 0: only at the end (and on preemption)
     log_interval: int = 1
     eval_fraction: float = 0.0  # held-out share of the input file for per-step eval lines
+    eval_interval: int = 0  # steps between held-out evals (0: only at the start and the end)
+    sort_window: int = 8  # length_sorted: sort items within windows of this many global batches
+    pad_to_multiple_of: int = 8  # pad each micro-batch's sequence length to a multiple of this
+    seed: int | None = None  # data order + init seed; None: the recipe's top-level seed
     export_hf: bool = True
     optim: OptimSpec = field(default_factory=OptimSpec)
 
@@ -124,13 +181,21 @@ class TrainSpec:
             raise ValueError("field 'max_length' must be >= 8")
         if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
             raise ValueError("need 1 <= micro_batch_size <= global_batch_size")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError("field 'global_batch_size' must be a multiple of 'micro_batch_size'")
         if not (0.0 <= self.eval_fraction < 1.0):
             raise ValueError("field 'eval_fraction' must be in [0, 1)")
+        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("fields 'epochs' and 'max_steps' must be >= 1")
+        if self.sort_window < 1 or self.pad_to_multiple_of < 1:
+            raise ValueError("fields 'sort_window' and 'pad_to_multiple_of' must be >= 1")
 
 
 @dataclass
 class SFTSpec(TrainSpec):
-    """Solver SFT warm-up: NLL on reference solutions."""
+    """Solver SFT warm-up: NLL on reference solutions (``normalization`` as in WSFT)."""
+
+    normalization: Literal["sum", "sequence", "token"] = "token"
 
 
 @dataclass
@@ -200,12 +265,21 @@ class BackendSpec:
     tensor_parallel_size: int = 1  # vllm
     gpu_memory_utilization: float = 0.9  # vllm
     max_model_len: int | None = None  # vllm
+    dtype: str = "auto"  # vllm: auto, bfloat16, float16
+    balance: Literal["least_loaded", "round_robin"] = "least_loaded"  # openai: endpoint choice
+    cooldown_s: float = 5.0  # openai: first cool-down of a failing endpoint (doubles per failure)
+    batch_size: int = 32  # local: sequences per forward batch
+    chunk_size: int = 512  # vllm: requests per durable chunk (a killed job redoes one chunk)
 
     def check(self) -> None:
         if self.kind == "openai" and not self.endpoints:
             raise ValueError("kind 'openai' needs at least one URL in 'endpoints'")
         if self.concurrency < 1:
             raise ValueError("field 'concurrency' must be >= 1")
+        if self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_base_s < 0:
+            raise ValueError("fields 'timeout_s' > 0, 'max_retries' >= 0, 'backoff_base_s' >= 0 required")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ValueError("fields 'batch_size' and 'chunk_size' must be >= 1")
 
 
 @dataclass
@@ -276,6 +350,12 @@ class CurriculumSpec:
             raise ValueError("field 'replay_ratio' must be in [0, 1]")
         if not (0.0 < self.near_dup_threshold <= 1.0):
             raise ValueError("field 'near_dup_threshold' must be in (0, 1]")
+        if not (0.0 <= self.too_hard_threshold < self.mastered_threshold <= 1.0):
+            raise ValueError("need 0 <= too_hard_threshold < mastered_threshold <= 1")
+        if self.recheck_every < 1 or self.contamination_ngram < 1:
+            raise ValueError("fields 'recheck_every' and 'contamination_ngram' must be >= 1")
+        if self.max_active is not None and self.max_active < 1:
+            raise ValueError("field 'max_active' must be >= 1 (or null: no cap)")
 
 
 @dataclass
@@ -286,6 +366,10 @@ class EvalSpec:
     benchmarks: list[str] = field(default_factory=list)  # benchmark files for `megatron-sz eval`
     k: int = 1
     sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=0.0, max_tokens=256))
+
+    def check(self) -> None:
+        if self.k < 1 or self.heldout_size < 1:
+            raise ValueError("fields 'k' and 'heldout_size' must be >= 1")
 
 
 @dataclass
@@ -303,7 +387,17 @@ class SlurmRoleSpec:
     env_setup: list[str] = field(default_factory=list)  # shell lines run before the step (module load, venv, ...)
     container: str | None = None  # container image (pyxis --container-image) for this role
     array_throttle: int = 4  # at most this many array tasks at once (%N)
-    extra_sbatch: list[str] = field(default_factory=list)
+    extra_sbatch: list[str] = field(default_factory=list)  # raw '#SBATCH' option lines, e.g. "--exclusive"
+
+    def check(self) -> None:
+        import re
+
+        if self.nodes < 1 or self.gpus_per_node < 0 or self.cpus_per_task < 1 or self.array_throttle < 1:
+            raise ValueError("need nodes >= 1, gpus_per_node >= 0, cpus_per_task >= 1, array_throttle >= 1")
+        if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}|\d+|UNLIMITED|INFINITE", self.time):
+            raise ValueError(f"field 'time' is {self.time!r}; expected SLURM's [D-]HH:MM:SS or minutes")
+        if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?", self.mem):
+            raise ValueError(f"field 'mem' is {self.mem!r}; expected e.g. 64G or 4000M")
 
 
 @dataclass
@@ -314,6 +408,11 @@ class SlurmSpec:
     signal_seconds: int = 120  # --signal=B:USR1@N: checkpoint this long before the time limit
     requeue: bool = True
     python: str = "python3"  # interpreter on the compute nodes
+    chain: Literal["all", "round"] = "all"  # submit every round's chain at once (dependencies), or one round per submit
+
+    def check(self) -> None:
+        if self.signal_seconds < 0:
+            raise ValueError("field 'signal_seconds' must be >= 0 (0: no --signal)")
 
 
 @dataclass
@@ -328,6 +427,26 @@ class TokenizerSpec:
     path: str | None = None
     train: bool = False
     vocab_size: int = 512
+
+
+@dataclass
+class WarmupSpec:
+    """Round 0's solver SFT warm-up data (the paper: essential, AIME-24 11.98 -> 28.02).
+
+    One source: ``data_file`` (JSONL problems with reference solutions), or
+    ``symbolic_problems`` sampled from the symbolic teacher, or (neither) the seed problems.
+    ``difficulty`` is the symbolic [low, high] level range, also used for sampled seeds
+    and the sampled held-out set."""
+
+    data_file: str | None = None
+    symbolic_problems: int = 0
+    difficulty: list[int] = field(default_factory=lambda: [1, 2])
+
+    def check(self) -> None:
+        if self.symbolic_problems < 0:
+            raise ValueError("field 'symbolic_problems' must be >= 0")
+        if len(self.difficulty) != 2 or not (1 <= self.difficulty[0] <= self.difficulty[1] <= 5):
+            raise ValueError("field 'difficulty' must be [low, high] with 1 <= low <= high <= 5")
 
 
 @dataclass
@@ -346,6 +465,8 @@ class Recipe:
     rounds: int = 3
     run_dir: str | None = None  # default: runs/<name>
     seeds_file: str = "seeds/socratic100.jsonl"
+    seeds_from_teacher: int = 0  # >0: sample this many seeds from the symbolic teacher instead
+    warmup: WarmupSpec = field(default_factory=WarmupSpec)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     solver: SolverRole = field(default_factory=SolverRole)
@@ -500,7 +621,23 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
         node[keys[-1]] = value
     recipe = from_dict(Recipe, data, where=str(p))
     recipe.source = str(p.resolve())
+    _check_models_and_layouts(recipe)
     return recipe
+
+
+def _check_models_and_layouts(recipe: Recipe) -> None:
+    """Resolve model config paths, then refuse TP/PP layouts the model cannot be split into."""
+    from megatron_sz.planner import check_model_layout
+
+    for role in ("solver", "generator"):
+        section = getattr(recipe, role)
+        section.model.resolve_config(recipe, where=f"{role}.model")
+        try:
+            cfg = section.model.hf_config(recipe, where=f"{role}.model")
+        except RecipeError:
+            continue  # hf_path not on this machine yet: checked when the job starts
+        check_model_layout(cfg, tp=section.parallel.tp, pp=section.parallel.pp,
+                           virtual_pp=section.parallel.virtual_pp, where=f"{recipe.source}: {role}.parallel")
 
 
 def recipe_to_dict(recipe: Any) -> dict:

@@ -1,0 +1,106 @@
+"""Weighted SFT loss fused with the (vocab-parallel) LM head: ``fused_linear_wsft_loss``.
+
+What is unusual here
+--------------------
+* Every token's coefficient d loss / d logp is known before the first GEMM (sample
+  weight, normalisation, token counts from the labels), so - like the fused DPO op -
+  gradients are computed inside the forward chunk loop from the same logits chunk
+  (6·N·H·V, no recompute) and backward only rescales them by the upstream scalar.
+* Sample weights are folded into dlogits BEFORE the dW GEMM (Liger PR #1298 fixed a wrong
+  grad_W from doing it after). A sample with weight 0 thus has dlogits exactly 0 and
+  contributes exactly zero to dX and dW.
+* Normalisations (B = batch size, n_b = completion tokens of sample b, w_b its weight):
+  ``sum``      (1/B) Σ_b w_b Σ_t nll_bt          (the Socratic-Zero objective)
+  ``sequence`` (1/B) Σ_b w_b mean_t nll_bt
+  ``token``    Σ_b w_b Σ_t nll_bt / Σ_b n_b
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import OpConfig, check_lm_head_inputs, make_config
+from .logprobs import _Engine, chunk_slices, finish_grads
+
+NORMALIZATIONS = ("sum", "sequence", "token")
+
+
+def _token_coefficients(labels, sample_weights, normalization: str, ignore_index: int):
+    """c_bt with loss = Σ c_bt * nll_bt (ignored tokens get 0). float32 [B, T]."""
+    b = labels.shape[0]
+    valid = labels != ignore_index
+    w = sample_weights.detach().float()
+    if normalization == "sum":
+        per_sample = w / b
+    elif normalization == "sequence":
+        per_sample = w / (b * valid.sum(dim=1).clamp(min=1).float())
+    else:  # token
+        per_sample = w / valid.sum().clamp(min=1).float()
+    return torch.where(valid, per_sample[:, None], torch.zeros((), device=labels.device))
+
+
+class FusedLinearWSFTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, coef, cfg: OpConfig, want_dx: bool,
+                want_dw: bool):
+        n, h = hidden.shape
+        eng = _Engine(weight, cfg, hidden.dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        dx = torch.zeros(n, h, dtype=torch.float32, device=hidden.device) if want_dx else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw \
+            else None
+        for sl in chunk_slices(n, cfg.chunk_rows):
+            x_c, y_c, c_c = hidden[sl], labels[sl], coef[sl]
+            logits, lse, logp = eng.stats(x_c, y_c)
+            loss -= (c_c * logp).sum()
+            if want_dx or want_dw:
+                # d loss / d logp = -c
+                eng.grads(logits, lse, y_c, -c_c, x_c,
+                          dx_out=None if dx is None else dx[sl], dw_acc=dw)
+            del logits
+        dx, dw = finish_grads(dx, dw, hidden, weight, cfg)
+        ctx.save_for_backward(dx, dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dw = ctx.saved_tensors
+        g = grad_loss.float()
+        gx = None if dx is None else (dx * g).to(dx.dtype)
+        gw = None if dw is None else (dw * g).to(dw.dtype)
+        return gx, gw, None, None, None, None, None
+
+
+def fused_linear_wsft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           sample_weights: torch.Tensor, *, normalization: str = "sum",
+                           ignore_index: int = -100, tp_group=None, temperature: float = 1.0,
+                           vocab_size: int | None = None, backend: str = "auto",
+                           chunk_size: int | None = None) -> torch.Tensor:
+    """Weighted SFT loss (scalar float32) from hidden [B, T, H], labels [B, T] and
+    ``sample_weights`` [B] (constants; no grad flows into them), on this rank's vocab
+    shard ``weight`` [V/tp, H]. See the module docstring for the normalisations; other
+    keywords as in :func:`linear_logprobs`.
+    """
+    check_lm_head_inputs(hidden, weight, labels, lead_shape_name="hidden.shape[:2]")
+    if hidden.dim() != 3 or hidden.shape[0] == 0:
+        raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                         f"got {normalization!r}")
+    if not isinstance(sample_weights, torch.Tensor) or not sample_weights.is_floating_point():
+        raise TypeError("sample_weights must be a floating tensor [B]")
+    if tuple(sample_weights.shape) != (hidden.shape[0],):
+        raise ValueError(f"sample_weights must have shape [{hidden.shape[0]}] (one per "
+                         f"sample), got {tuple(sample_weights.shape)}")
+    if sample_weights.device != hidden.device:
+        raise ValueError(f"sample_weights is on {sample_weights.device}, expected "
+                         f"{hidden.device}")
+    cfg = make_config(hidden=hidden, weight=weight, backend=backend, ignore_index=ignore_index,
+                      temperature=temperature, tp_group=tp_group, vocab_size=vocab_size,
+                      chunk_size=chunk_size)
+    y = labels.to(torch.int64).contiguous()
+    coef = _token_coefficients(y, sample_weights, normalization, ignore_index).reshape(-1)
+    grad_on = torch.is_grad_enabled()
+    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    return FusedLinearWSFTFunction.apply(h2, weight, y.reshape(-1), coef, cfg,
+                                         grad_on and hidden.requires_grad,
+                                         grad_on and weight.requires_grad)

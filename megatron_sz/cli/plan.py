@@ -1,0 +1,157 @@
+"""``megatron-sz plan``: per-GPU memory of a parallel layout, and refusal of impossible ones.
+
+Two ways in:
+
+* ``megatron-sz plan RECIPE [--role solver|generator]`` plans the training jobs of a
+  recipe (both roles by default) from their ``model`` and ``parallel`` sections and the
+  training section's ``max_length`` / ``micro_batch_size`` / ``global_batch_size``;
+* ``megatron-sz plan --model CONFIG.json --tp 2 --pp 1 --dp 4 --seq 2048 --mbs 1`` plans
+  any HF config. Flags given with a recipe override the recipe's values.
+
+A solver DPO micro-batch of N pairs runs 2N sequences (chosen and rejected together),
+so the solver's activations use ``2 * micro_batch_size`` sequences.
+
+Pure arithmetic (megatron_sz.planner); no torch or Megatron import, so it runs anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megatron_sz.errors import LayoutError, UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="per-GPU memory of a TP/PP/DP layout; refuses impossible layouts",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", default=None,
+                   help="recipe YAML (path, or name in the packaged recipes/ folder)")
+    p.add_argument("--role", choices=("solver", "generator"), default=None,
+                   help="plan only this role's training job (default: both)")
+    p.add_argument("--model", default=None,
+                   help="HF config.json, or a folder holding one (instead of a recipe)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size")
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel size (or give --world-size)")
+    p.add_argument("--world-size", type=int, default=None, help="total GPUs; dp = world / (tp * pp)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length in tokens")
+    p.add_argument("--mbs", type=int, default=None, help="micro-batch size in sequences")
+    p.add_argument("--gbs", type=int, default=None,
+                   help="global batch size in sequences; sets the number of micro-batches")
+    p.add_argument("--num-microbatches", type=int, default=None,
+                   help="micro-batches per step per DP rank (default: from --gbs, else assume a full pipeline)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="training dtype (default bf16)")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default=None,
+                   help="activation recomputation (default none)")
+    sp = p.add_mutually_exclusive_group()
+    sp.add_argument("--sequence-parallel", dest="sequence_parallel", action="store_true", default=None,
+                    help="turn on Megatron sequence parallelism (needs tp >= 2)")
+    sp.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false",
+                    help="turn off sequence parallelism")
+    do = p.add_mutually_exclusive_group()
+    do.add_argument("--distributed-optimizer", dest="distributed_optimizer", action="store_true", default=None,
+                    help="shard optimizer state over DP ranks (the default)")
+    do.add_argument("--no-distributed-optimizer", dest="distributed_optimizer", action="store_false",
+                    help="keep the whole optimizer state on every rank")
+    p.add_argument("--materialised-logits", action="store_true",
+                   help="count the loss as materialised logits instead of the fused linear loss")
+    p.add_argument("--attention", choices=("flash", "unfused"), default="flash",
+                   help="flash/fused attention (no s*s scores stored) or unfused (default flash)")
+    p.add_argument("--vocab-divisible-by", type=int, default=None,
+                   help="Megatron make_vocab_size_divisible_by (default 128, or the recipe's)")
+    p.add_argument("--gpu-mem", type=float, default=None, help="GPU memory in GiB: report whether the plan fits")
+    p.add_argument("--json", action="store_true", help="print a JSON document instead of the table")
+    p.set_defaults(func=run)
+
+
+def _read_config(path: str | Path, *, where: str) -> dict:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise UserError(f"model config not found: {p}", where=where,
+                        fix="pass an HF config.json or a checkpoint folder that holds one")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"invalid JSON: {exc.msg}", where=f"{p}:{exc.lineno}") from None
+
+
+def _pick(flag, value):
+    return value if flag is None else flag
+
+
+def _recipe_jobs(args) -> list[dict]:
+    from megatron_sz.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    roles = [args.role] if args.role else ["solver", "generator"]
+    jobs = []
+    for role in roles:
+        section = getattr(recipe, role)
+        if role == "generator" and not section.enabled and not args.role:
+            continue
+        where = f"{recipe.source}: {role}"
+        cfg = section.model.hf_config(recipe, where=f"{where}.model")
+        train = section.dpo if role == "solver" else section.wsft
+        par = section.parallel
+        seqs_per_mb = 2 if role == "solver" else 1  # DPO: chosen + rejected
+        mbs = _pick(args.mbs, train.micro_batch_size * seqs_per_mb)
+        gbs = _pick(args.gbs, train.global_batch_size * seqs_per_mb)
+        jobs.append(dict(
+            hf_config=cfg, label=f"{recipe.name} / {role} ({'DPO' if role == 'solver' else 'weighted SFT'})",
+            where=where,
+            tp=_pick(args.tp, par.tp), pp=_pick(args.pp, par.pp),
+            virtual_pp=_pick(args.vpp, par.virtual_pp),
+            world_size=None if args.dp is not None else _pick(args.world_size, par.world_size),
+            dp=args.dp, seq_len=_pick(args.seq, train.max_length), micro_batch_size=mbs,
+            global_batch_size=None if args.num_microbatches is not None else gbs,
+            num_microbatches=args.num_microbatches,
+            dtype=_pick(args.dtype, section.model.dtype),
+            recompute=_pick(args.recompute, par.recompute),
+            sequence_parallel=_pick(args.sequence_parallel, par.sequence_parallel),
+            distributed_optimizer=_pick(args.distributed_optimizer, par.use_distributed_optimizer),
+            vocab_divisible_by=_pick(args.vocab_divisible_by, section.model.make_vocab_size_divisible_by),
+        ))
+    return jobs
+
+
+def run(args) -> int:
+    from megatron_sz.planner import plan_layout
+
+    if (args.recipe is None) == (args.model is None):
+        raise UserError("give either a RECIPE or --model CONFIG.json",
+                        fix="e.g. megatron-sz plan recipes/qwen3-8b-solver-tp2-8gpu.yaml, or "
+                            "megatron-sz plan --model recipes/models/qwen3-8b.json --tp 2 --seq 2048")
+    if args.recipe is not None:
+        jobs = _recipe_jobs(args)
+    else:
+        cfg = _read_config(args.model, where="--model")
+        jobs = [dict(hf_config=cfg, label=str(args.model), where="flags",
+                     tp=args.tp or 1, pp=args.pp or 1, virtual_pp=args.vpp, dp=args.dp,
+                     world_size=args.world_size, seq_len=args.seq or 2048, micro_batch_size=args.mbs or 1,
+                     global_batch_size=args.gbs, num_microbatches=args.num_microbatches,
+                     dtype=args.dtype or "bf16", recompute=args.recompute or "none",
+                     sequence_parallel=bool(args.sequence_parallel),
+                     distributed_optimizer=True if args.distributed_optimizer is None else args.distributed_optimizer,
+                     vocab_divisible_by=args.vocab_divisible_by or 128)]
+    plans = []
+    for job in jobs:
+        try:
+            plans.append(plan_layout(**job, fused_loss=not args.materialised_logits, attention=args.attention,
+                                     gpu_memory_gib=args.gpu_mem))
+        except LayoutError as err:
+            if len(jobs) > 1:
+                raise LayoutError(f"{job['label']}: {err}") from None
+            raise
+    if args.json:
+        doc = plans[0].to_dict() if len(plans) == 1 else {"plans": [p.to_dict() for p in plans]}
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print("\n\n".join(p.format_text() for p in plans))
+    return 0

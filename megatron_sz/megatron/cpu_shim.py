@@ -1,0 +1,197 @@
+"""The CPU shim: what Megatron-Core 0.16 needs to run on a host without CUDA.
+
+Used ONLY when ``torch.cuda.is_available()`` is False (CI boxes, laptops). On a GPU
+host ``ensure_cpu_shim()`` is a no-op and nothing here is imported into a model.
+
+Megatron assumes CUDA in a few places that matter for us:
+
+* ``torch.cuda.current_device()`` (about 175 call sites: RoPE ``inv_freq``, the
+  global memory buffer, p2p shape exchange, ...). Redirected to return ``"cpu"``.
+* ``Tensor.cuda()`` (tied-embedding sync across pipeline stages): returns the tensor.
+* ``torch.cuda.synchronize()`` in ``pipeline_parallel.p2p_communication``. A no-op
+  without CUDA (there is nothing to wait for).
+* The pipeline schedules build ``total_num_tokens`` with a hard-coded
+  ``device="cuda"`` (three places in ``schedules.py``). We give that module a view of
+  ``torch`` whose tensor factories map ``"cuda"`` to ``"cpu"``; every other module keeps
+  the real ``torch``.
+* The local ``DotProductAttention`` allocates from a CUDA buffer and uses fused softmax
+  kernels, so CPU models use :class:`SDPACoreAttention` instead (a drop-in core
+  attention on ``torch.nn.functional.scaled_dot_product_attention``).
+* The CUDA RNG tracker (``model_parallel_cuda_manual_seed``, dropout forks,
+  activation recompute) reads and writes CUDA generator states; without CUDA it
+  forks the CPU generator instead.
+
+Every patch is idempotent: calling ``ensure_cpu_shim()`` twice changes nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+from typing import Optional
+
+import torch
+
+_APPLIED = False
+_CUDA_LIKE = ("cuda",)
+
+
+def _is_cuda_device(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):
+        return True
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.split(":")[0] in _CUDA_LIKE
+
+
+class _CpuTorchView(types.ModuleType):
+    """``torch`` as seen by ``megatron.core.pipeline_parallel.schedules`` on CPU.
+
+    Attribute reads fall through to the real ``torch``; tensor factories rewrite a
+    ``device="cuda"`` argument to ``"cpu"``.
+    """
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        real = getattr(torch, name)
+        if name in self._FACTORIES:
+            def factory(*args, _real=real, **kwargs):
+                if _is_cuda_device(kwargs.get("device")):
+                    kwargs["device"] = "cpu"
+                return _real(*args, **kwargs)
+            return factory
+        return real
+
+
+class _CpuRngTracker:
+    """Stand-in for Megatron's CUDA RNG tracker: named forks of the CPU generator."""
+
+    def __init__(self):
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def is_initialized(self):
+        return bool(self.states_)
+
+    def reset(self):
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        if seed in self.seeds_ or name in self.states_:
+            raise ValueError(f"RNG state {name} / seed {seed} already exists in the CPU RNG tracker")
+        self.seeds_.add(seed)
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"RNG state {name} is not added to the CPU RNG tracker")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+def ensure_cpu_shim() -> bool:
+    """Apply the CPU patches when CUDA is absent. Returns True if the shim is active."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    # ``tensor.cuda()`` raises on a CPU-only build; Megatron calls it e.g. when it syncs
+    # the tied embedding copy on the last pipeline stage. Keep the tensor where it is.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
+
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuTorchView()
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # The CUDA RNG tracker and the recompute path read/write CUDA generator states.
+    # Route both to the CPU generator; Megatron's own getters then hand out our tracker.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+    tracker = _CpuRngTracker()
+
+    def initialize_rng_tracker(*args, force_reset=False, **kwargs):
+        if force_reset:
+            tracker.reset()
+        mrandom._CUDA_RNG_STATE_TRACKER = tracker
+        mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    mrandom.initialize_rng_tracker = initialize_rng_tracker
+    initialize_rng_tracker()
+    _APPLIED = True
+    return True
+
+
+class SDPACoreAttention(torch.nn.Module):
+    """Core attention on ``F.scaled_dot_product_attention`` (CPU replacement for
+    Megatron's local ``DotProductAttention``; same constructor and forward contract).
+
+    Inputs are ``[s, b, heads_per_rank, head_dim]`` (keys/values with KV groups per
+    rank); the output is ``[s, b, heads_per_rank * head_dim]``. ``attention_mask`` follows
+    Megatron's convention (True = masked out); None means causal.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type=None, pg_collection=None):
+        super().__init__()
+        from megatron.core.parallel_state import get_tensor_model_parallel_world_size
+
+        self.config = config
+        if pg_collection is not None and getattr(pg_collection, "tp", None) is not None:
+            tp = pg_collection.tp.size()
+        else:
+            tp = get_tensor_model_parallel_world_size()
+        self.heads = config.num_attention_heads // tp
+        self.groups = max(1, config.num_query_groups // tp) if config.num_query_groups else self.heads
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences need TransformerEngine attention (GPU)")
+        q = query.permute(1, 2, 0, 3)  # [b, h, s, d]
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        if self.heads != k.shape[1]:
+            rep = self.heads // k.shape[1]
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if attention_mask is None:
+            mask, causal = None, True
+        else:
+            mask, causal = ~attention_mask.bool(), False
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)

@@ -1,0 +1,302 @@
+"""Build Megatron-Core ``GPTModel`` chunks from an HF config and run them.
+
+The rest of megatron-sz never touches Megatron: trainers call ``build_model``,
+``forward_hidden`` (final-norm hidden states, pre-LM-head, so the fused vocab-parallel
+kernels can take ``lm_head_weight``) and the checkpoint functions.
+
+Layer specs: TransformerEngine on GPU when ``transformer_engine`` imports, Megatron's
+local spec otherwise; without CUDA the local core attention is swapped for the SDPA
+module from ``cpu_shim`` (the only CPU-specific piece of the model).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from megatron_sz.errors import LayoutError
+from megatron_sz.megatron.arch import ModelArch, check_layout, llama3_inv_freq, parse_hf_config
+from megatron_sz.megatron.cpu_shim import ensure_cpu_shim
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float32
+    key = str(dtype).replace("torch.", "")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    return _DTYPES[key]
+
+
+def have_transformer_engine() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def initialize_parallel(tp: int = 1, pp: int = 1, *, vpp: int | None = None, seed: int = 1234) -> None:
+    """Create Megatron's TP/PP/DP groups on an initialised ``torch.distributed`` world.
+
+    DP is whatever is left: ``world_size / (tp * pp)``. Re-initialises if already set up
+    with other sizes (tests and ``convert`` build several layouts in one process).
+    """
+    import torch.distributed as tdist
+    from megatron.core import parallel_state, tensor_parallel
+
+    ensure_cpu_shim()
+    if not tdist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised; use megatron_sz.dist.init_from_env() or spawn()")
+    world = tdist.get_world_size()
+    if world % (tp * pp):
+        raise LayoutError(f"world size {world} is not divisible by tp*pp={tp * pp}",
+                          fix="launch tp*pp*dp processes")
+    if parallel_state.model_parallel_is_initialized():
+        if (parallel_state.get_tensor_model_parallel_world_size() == tp
+                and parallel_state.get_pipeline_model_parallel_world_size() == pp
+                and parallel_state.get_virtual_pipeline_model_parallel_world_size() == vpp):
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config(arch: ModelArch, *, tp: int, pp: int, vpp: int | None = None,
+                       params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
+                       recompute: str | None = None, **overrides):
+    """The ``TransformerConfig`` for ``arch`` (keyword overrides win)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    kw = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=arch.init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        # Pipeline stages exchange tensor shapes per micro-batch, so batches may differ
+        # in length (DPO pairs). The dispatcher key only matters for MoE but is checked.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
+        attention_softmax_in_fp32=True,
+    )
+    if recompute:
+        kw.update(recompute_granularity=recompute)
+        if recompute == "full":
+            kw.update(recompute_method="uniform", recompute_num_layers=1)
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def layer_spec(arch: ModelArch):
+    """TE spec on GPU with TransformerEngine; local spec otherwise (SDPA core attention on CPU)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if have_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    if not torch.cuda.is_available():
+        from megatron_sz.megatron.cpu_shim import SDPACoreAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def build_model(hf_config: Any, *, tp: int | None = None, pp: int | None = None,
+                params_dtype: Any = torch.float32, make_vocab_size_divisible_by: int = 128,
+                sequence_parallel: bool = False, recompute: str | None = None,
+                init_weights: bool = True, **config_overrides) -> list:
+    """Build this rank's model chunks (one per virtual pipeline stage; usually one).
+
+    ``hf_config``: a config dict, an HF folder, or a megatron-sz checkpoint folder.
+    ``tp``/``pp`` default to the already-initialised parallel state and must match it.
+    ``init_weights=False`` skips random init (faster when weights are loaded next).
+    Each chunk gets ``chunk.hf_config`` (dict), ``chunk.arch`` (ModelArch),
+    ``chunk.true_vocab_size`` and ``chunk.padded_vocab_size``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    ensure_cpu_shim()
+    cfg, arch = parse_hf_config(hf_config)
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("call initialize_parallel(tp, pp) before build_model")
+    cur_tp = parallel_state.get_tensor_model_parallel_world_size()
+    cur_pp = parallel_state.get_pipeline_model_parallel_world_size()
+    tp = cur_tp if tp is None else tp
+    pp = cur_pp if pp is None else pp
+    if (tp, pp) != (cur_tp, cur_pp):
+        raise LayoutError(f"build_model(tp={tp}, pp={pp}) but the parallel state is tp={cur_tp}, pp={cur_pp}",
+                          fix="call initialize_parallel with the same sizes")
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    check_layout(arch, tp=tp, pp=pp, vpp=vpp or 1)
+    dtype = resolve_dtype(params_dtype)
+    config = transformer_config(arch, tp=tp, pp=pp, vpp=vpp, params_dtype=dtype,
+                                sequence_parallel=sequence_parallel, recompute=recompute,
+                                perform_initialization=init_weights, **config_overrides)
+    padded = arch.padded_vocab_size(tp=tp, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    spec = layer_spec(arch)
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        model = GPTModel(
+            config=config, transformer_layer_spec=spec, vocab_size=padded,
+            max_sequence_length=arch.max_position_embeddings, pre_process=pre, post_process=post,
+            parallel_output=True, share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope", rotary_percent=1.0, rotary_base=int(arch.rope_theta)
+            if float(arch.rope_theta).is_integer() else arch.rope_theta,
+            vp_stage=stage)
+        _set_rope(model, arch)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        model.hf_config = cfg
+        model.arch = arch
+        model.true_vocab_size = arch.vocab_size
+        model.padded_vocab_size = padded
+        chunks.append(model)
+    return chunks
+
+
+def _set_rope(model, arch: ModelArch) -> None:
+    """Use exactly HF's inverse frequencies (fp32), including llama3 scaling."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None:
+        return
+    dim = arch.head_dim
+    device = rope.inv_freq.device
+    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(
+        device=device, dtype=torch.float) / dim))
+    if arch.rope.get("rope_type") == "llama3":
+        inv = llama3_inv_freq(inv, arch.rope)
+    rope.inv_freq = inv
+
+
+def unwrap(model):
+    """The GPTModel under DDP/Float16 wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def _chunk(model_or_chunks):
+    if isinstance(model_or_chunks, (list, tuple)):
+        if len(model_or_chunks) != 1:
+            raise ValueError("pass one model chunk (this call does not handle virtual pipeline stages)")
+        model_or_chunks = model_or_chunks[0]
+    return model_or_chunks
+
+
+def forward_hidden(model, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
+                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run embedding + decoder; return ``[s, b, h]``.
+
+    On the last pipeline stage this is after the final RMSNorm (the LM-head input); on
+    earlier stages it is the stage output to send on. On non-first stages the input
+    comes from ``model.set_input_tensor`` (the schedule does this), and ``input_ids``
+    may be None. With sequence parallelism the result is gathered to the full sequence.
+    ``attention_mask``: None = causal; else bool ``[b, 1, s, s]`` with True = masked out.
+    """
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    wrapper = _chunk(model)
+    gpt = unwrap(wrapper)
+    if position_ids is None and input_ids is not None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+    pre = gpt._preprocess(input_ids=input_ids, position_ids=position_ids, decoder_input=None,
+                          inference_context=None, packed_seq_params=None)
+    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset = pre[:5]
+    hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
+                         rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
+                         rotary_pos_sin=rotary_pos_sin, sequence_len_offset=sequence_len_offset)
+    if gpt.post_process and gpt.config.sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    return hidden
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """This rank's LM-head vocab shard ``[V_padded / tp, H]`` (tied: the embedding weight).
+
+    Rows with global index >= ``true_vocab_size(model)`` are padding.
+    """
+    gpt = unwrap(_chunk(model))
+    if not gpt.post_process:
+        raise ValueError("lm_head_weight is only defined on the last pipeline stage")
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+def true_vocab_size(model) -> int:
+    return unwrap(_chunk(model)).true_vocab_size
+
+
+def padded_vocab_size(model) -> int:
+    return unwrap(_chunk(model)).padded_vocab_size
+
+
+def vocab_shard_range(model) -> tuple[int, int]:
+    """``[start, end)`` of the global vocab rows this TP rank holds."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    per = padded_vocab_size(model) // tp
+    return rank * per, (rank + 1) * per
+
+
+def forward_logits(model, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                   attention_mask: Optional[torch.Tensor] = None, *, gather: bool = True,
+                   strip_padding: bool = True) -> torch.Tensor:
+    """Plain logits ``[b, s, V]`` for parity checks (last PP stage only; gathered over TP).
+
+    Materialises the full logits: use the fused kernels with ``forward_hidden`` in training.
+    """
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    hidden = forward_hidden(model, input_ids, position_ids, attention_mask)
+    weight = lm_head_weight(model)
+    logits = torch.matmul(hidden, weight.t())  # [s, b, V/tp]
+    if gather:
+        logits = gather_from_tensor_model_parallel_region(logits)
+        if strip_padding:
+            logits = logits[..., :true_vocab_size(model)]
+    return logits.transpose(0, 1).contiguous()

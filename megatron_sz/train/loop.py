@@ -1,0 +1,189 @@
+"""One training step, one forward-only pass: Megatron schedules around an objective.
+
+``StepEngine.train_step`` is the whole step of every job:
+
+1. collate this DP rank's micro-batches of the step (all padded to the step's longest
+   item under pipeline parallelism, whose p2p buffers need one shape per step);
+2. Megatron's ``get_forward_backward_func()`` schedule: forward through this rank's
+   stage, the objective's fused loss on the last stage, backward, gradient
+   accumulation over micro-batches;
+3. gradient sync (DP, tied embeddings across stages), grad norm and clipping;
+4. ONE all-reduce of a small vector: the step's statistic sums, a non-finite count and
+   the preemption flag, read on the host once (``tolist``). This is the only host sync
+   of the step on CPU, and it comes before ``optimizer.step()``: a NaN/inf loss or grad
+   norm stops the job with a clear message and leaves the weights untouched;
+5. the optimizer step at the step's learning rate.
+
+Loss scaling: the objective returns its micro-batch loss as a mean over the micro-batch's
+items; the schedule divides by the number of micro-batches and DP averages, so the
+gradient is that of the mean over the global batch (all micro-batches hold
+``micro_batch_size`` items: ``data.make_plan`` guarantees it).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import torch
+
+from megatron_sz.errors import UserError
+from megatron_sz.megatron import training as mt
+from megatron_sz.train.data import Item, MicroBatch, collate, padded_length
+
+
+class NonFiniteLoss(UserError):
+    """The loss or gradient norm became NaN/inf; raised before the optimizer step."""
+
+
+@dataclass
+class StepResult:
+    stats: dict  # per-item means (and "items", "tokens")
+    grad_norm: float | None
+    preempt: bool
+    seconds: float
+
+
+class StepEngine:
+    def __init__(self, *, chunks: list, objective: Any, optimizer: mt.TrainOptimizer | None,
+                 info: mt.ParallelInfo, pad_id: int, pad_to_multiple_of: int, device: torch.device):
+        from megatron_sz.megatron import forward_hidden, lm_head_weight
+
+        self.chunks = chunks
+        self.objective = objective
+        self.optimizer = optimizer
+        self.info = info
+        self.pad_id = pad_id
+        self.pad_mult = pad_to_multiple_of
+        self.device = device
+        self._forward_hidden = forward_hidden
+        self._lm_head_weight = lm_head_weight
+        self.fb = mt.get_forward_backward_func()
+
+    # ------------------------------------------------------------------ batches
+    def _collate(self, groups: list[list[Item]]) -> tuple[list[MicroBatch], int]:
+        if not groups:
+            return [], 0
+        seq_len = None
+        if self.info.pp > 1:
+            seq_len = padded_length(max(it.length for g in groups for it in g), self.pad_mult)
+        mbs = [collate(g, pad_id=self.pad_id, seq_len=seq_len, pad_to_multiple_of=self.pad_mult).to(self.device)
+               for g in groups]
+        return mbs, max(mb.input_ids.shape[1] for mb in mbs)
+
+    def _forward_step(self, fn: Callable, data_iterator, model):
+        mb = next(data_iterator)
+        ids = mb.input_ids if self.info.is_first_stage else None
+        hidden = self._forward_hidden(model, ids, mb.position_ids)
+        if not self.info.is_last_stage:
+            return hidden, None
+        return hidden, partial(self._loss_func, fn, mb, model)
+
+    def _loss_func(self, fn: Callable, mb: MicroBatch, model, output: torch.Tensor):
+        hidden = output.transpose(0, 1)  # [s, b, h] -> [b, s, h]
+        weight = self._lm_head_weight(model)
+        return fn(hidden, weight, mb)
+
+    def _run(self, fn: Callable, mbs: list[MicroBatch], seq_len: int, *, forward_only: bool) -> list[dict]:
+        if not mbs:
+            return []
+        rows = mbs[0].input_ids.shape[0]
+        return self.fb(forward_step_func=partial(self._forward_step, fn), data_iterator=iter(mbs),
+                       model=self.chunks, num_microbatches=len(mbs), seq_length=seq_len,
+                       micro_batch_size=rows, forward_only=forward_only)
+
+    # ------------------------------------------------------------------ reductions
+    def _reduce(self, per_mb: list[dict], keys: tuple[str, ...], extra: list[torch.Tensor]) -> list[float]:
+        """Sum ``keys`` over micro-batches (reporting ranks only), append ``extra``, all-reduce
+        over the world, and read it on the host: the one sync."""
+        vals = [torch.zeros((), dtype=torch.float32, device=self.device) for _ in keys]
+        if self.info.reports:
+            for d in per_mb:
+                for i, k in enumerate(keys):
+                    v = d.get(k)
+                    if v is not None:
+                        vals[i] = vals[i] + torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
+        vec = torch.stack(vals + [e.to(self.device, torch.float32).reshape(()) for e in extra])
+        mt.all_reduce_sum(vec)
+        return vec.tolist()
+
+    # ------------------------------------------------------------------ public
+    def train_step(self, groups: list[list[Item]], *, lr: float, preempt_requested: bool) -> StepResult:
+        t0 = time.perf_counter()
+        opt = self.optimizer
+        for c in self.chunks:
+            c.train()
+        opt.zero_grad()
+        mbs, seq_len = self._collate(groups)
+        n_items = sum(mb.num_items for mb in mbs)
+        n_tokens = sum(mb.num_tokens for mb in mbs)
+
+        def fn(hidden, weight, mb):
+            loss, stats = self.objective.train_loss(hidden, weight, mb)
+            stats = dict(stats)
+            stats["nonfinite"] = (~torch.isfinite(loss.detach())).float()
+            return loss, stats
+
+        per_mb = self._run(fn, mbs, seq_len, forward_only=False)
+        opt.finalize_grads()
+        gnorm = opt.clip_and_norm()
+        keys = tuple(self.objective.train_keys) + ("nonfinite",)
+        world0 = self.info.world_rank == 0
+        zero = torch.zeros((), device=self.device)
+        gn = gnorm.detach() if (gnorm is not None and world0) else zero
+        gn_bad = (~torch.isfinite(gnorm)).float() if gnorm is not None else zero
+        items_t = torch.tensor(float(n_items if (self.info.tp_rank == 0 and self.info.is_last_stage) else 0))
+        tokens_t = torch.tensor(float(n_tokens if (self.info.tp_rank == 0 and self.info.is_last_stage) else 0))
+        flag = torch.tensor(1.0 if preempt_requested else 0.0)
+        out = self._reduce(per_mb, keys, [items_t, tokens_t, gn, gn_bad, flag])
+        n = len(keys)
+        sums = dict(zip(keys, out[:n]))
+        items, tokens, grad_norm, gn_bad_v, flag_v = out[n:]
+        if sums.pop("nonfinite") > 0 or gn_bad_v > 0:
+            raise NonFiniteLoss(
+                f"non-finite {'loss' if gn_bad_v == 0 else 'gradient norm'} at this step; the optimizer "
+                f"step was NOT applied (weights are those of the last good step)",
+                fix="lower the learning rate, check the data for empty completions, or resume from "
+                    "the last checkpoint with a smaller lr / stronger clip_grad")
+        stats = {k: v / max(items, 1.0) for k, v in sums.items()}
+        stats.update(items=int(items), tokens=int(tokens))
+        gpu_norm = opt.step(lr)
+        if gpu_norm is not None:
+            grad_norm = float(gpu_norm)
+        elif gnorm is None:
+            grad_norm = None
+        return StepResult(stats=stats, grad_norm=grad_norm, preempt=flag_v > 0,
+                          seconds=time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def forward_only(self, groups: list[list[Item]], fn: Callable, keys: tuple[str, ...]) -> dict:
+        """Run ``fn(hidden, weight, mb) -> dict of sums`` on every micro-batch; world-reduced sums."""
+        for c in self.chunks:
+            c.eval()
+        mbs, seq_len = self._collate(groups)
+
+        def wrapped(hidden, weight, mb):
+            d = fn(hidden, weight, mb)
+            return torch.zeros((), device=hidden.device), d
+
+        per_mb = self._run(wrapped, mbs, seq_len, forward_only=True)
+        out = self._reduce(per_mb, keys, [])
+        return dict(zip(keys, out))
+
+    @torch.no_grad()
+    def forward_collect(self, groups: list[list[Item]], fn: Callable) -> list[tuple[MicroBatch, Any]]:
+        """Run ``fn`` per micro-batch; return (micro-batch, fn output) on reporting ranks."""
+        for c in self.chunks:
+            c.eval()
+        mbs, seq_len = self._collate(groups)
+        it = iter(mbs)
+        order: list[MicroBatch] = []
+
+        def wrapped(hidden, weight, mb):
+            order.append(mb)
+            return torch.zeros((), device=hidden.device), {"out": fn(hidden, weight, mb)}
+
+        per_mb = self._run(wrapped, mbs, seq_len, forward_only=True)
+        del it
+        return [(mb, d["out"]) for mb, d in zip(order, per_mb)]

@@ -1,0 +1,162 @@
+"""The three training objectives, on the fused vocab-parallel LM-head kernels.
+
+An objective turns the last pipeline stage's final hidden states ``[B_rows, T, H]`` and
+this rank's LM-head vocab shard into (a) the training loss of one micro-batch and (b)
+*sums* of the statistics to log (divided by ``items`` after the step's reduction, so
+micro-batches and data-parallel ranks of any size combine exactly).
+
+* ``SFTObjective``   -- NLL on reference solutions (``fused_linear_wsft_loss`` with unit weights).
+* ``WSFTObjective``  -- generator weighted SFT (per-example weights U(s), folded into the
+  kernel's dlogits; a weight-0 example contributes exactly zero gradient).
+* ``DPOObjective``   -- online DPO (``fused_linear_dpo_loss``); rows [0, B) chosen,
+  [B, 2B) rejected; reference log-probs come from a table precomputed once per round.
+
+``gaussian_weight`` is the generator's weight U(s) = exp(-(s - mu)^2 / (2 sigma^2)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from megatron_sz.train.data import IGNORE
+
+
+def gaussian_weight(s: float, mu: float = 0.5, sigma: float = 0.2) -> float:
+    """U(s) = exp(-(s - mu)^2 / (2 sigma^2)); s is the solver's success rate on the problem.
+
+    >>> [round(gaussian_weight(k / 8), 3) for k in range(5)]
+    [0.044, 0.172, 0.458, 0.823, 1.0]
+    """
+    if not (0.0 <= s <= 1.0):
+        raise ValueError(f"success rate {s!r} must be in [0, 1]")
+    if sigma <= 0:
+        raise ValueError("sigma must be > 0")
+    return math.exp(-((s - mu) ** 2) / (2.0 * sigma * sigma))
+
+
+def _kernels():
+    from megatron_sz import kernels
+
+    return kernels
+
+
+def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                   tp_group: Any, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs per row ``[R]`` and target counts ``[R]``."""
+    R, T, H = hidden.shape
+    lp = _kernels().linear_logprobs(hidden.reshape(R * T, H), weight, labels.reshape(R * T),
+                                    ignore_index=IGNORE, tp_group=tp_group, vocab_size=vocab_size)
+    lp = lp.reshape(R, T)
+    return lp.sum(dim=1), (labels != IGNORE).sum(dim=1)
+
+
+class Objective:
+    kind: str = ""
+    rows_per_item: int = 1
+    train_keys: tuple[str, ...] = ("loss",)
+    eval_keys: tuple[str, ...] = ()
+
+    def __init__(self, *, tp_group: Any, vocab_size: int):
+        self.tp_group = tp_group
+        self.vocab_size = vocab_size
+
+    def train_loss(self, hidden: torch.Tensor, weight: torch.Tensor, mb: Any) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def eval_stats(self, hidden: torch.Tensor, weight: torch.Tensor, mb: Any) -> dict:
+        """NLL per target token on held-out data (SFT and WSFT; unweighted)."""
+        logp, n = sequence_logps(hidden, weight, mb.labels, tp_group=self.tp_group, vocab_size=self.vocab_size)
+        return {"nll": -logp.sum(), "tokens": n.sum().float()}
+
+
+class SFTObjective(Objective):
+    kind = "solver-sft"
+    eval_keys = ("nll", "tokens")
+
+    def __init__(self, *, normalization: str = "token", **kw):
+        super().__init__(**kw)
+        self.normalization = normalization
+
+    def train_loss(self, hidden, weight, mb):
+        loss = _kernels().fused_linear_wsft_loss(
+            hidden, weight, mb.labels, torch.ones_like(mb.weights), normalization=self.normalization,
+            ignore_index=IGNORE, tp_group=self.tp_group, vocab_size=self.vocab_size)
+        return loss, {"loss": loss.detach() * mb.num_items}
+
+
+class WSFTObjective(SFTObjective):
+    kind = "generator-wsft"
+
+    def train_loss(self, hidden, weight, mb):
+        loss = _kernels().fused_linear_wsft_loss(
+            hidden, weight, mb.labels, mb.weights.to(hidden.device), normalization=self.normalization,
+            ignore_index=IGNORE, tp_group=self.tp_group, vocab_size=self.vocab_size)
+        return loss, {"loss": loss.detach() * mb.num_items, "weight": mb.weights.sum()}
+
+    train_keys = ("loss", "weight")
+
+
+def _metric_mean(metrics: dict, *names: str) -> torch.Tensor | None:
+    for n in names:
+        v = metrics.get(n)
+        if v is not None:
+            v = torch.as_tensor(v)
+            return v.detach().float().mean()
+    return None
+
+
+class DPOObjective(Objective):
+    kind = "solver-dpo"
+    rows_per_item = 2
+    train_keys = ("loss", "margin", "accuracy", "chosen_reward", "rejected_reward")
+    eval_keys = ("margin", "accuracy", "chosen_logp", "rejected_logp")
+
+    def __init__(self, *, spec: Any, ref_logps: torch.Tensor | None, **kw):
+        super().__init__(**kw)
+        self.spec = spec
+        self.ref = ref_logps  # [N_items, 2] (chosen, rejected), or None when reference-free
+
+    def _ref(self, mb) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.spec.reference_free or self.ref is None:
+            return None, None
+        r = self.ref.index_select(0, mb.item_index.to(self.ref.device))
+        return r[:, 0], r[:, 1]
+
+    def train_loss(self, hidden, weight, mb):
+        rc, rr = self._ref(mb)
+        s = self.spec
+        loss, metrics = _kernels().fused_linear_dpo_loss(
+            hidden, weight, mb.labels, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=s.beta,
+            loss_type=s.loss_type, label_smoothing=s.label_smoothing, nll_alpha=s.nll_alpha,
+            reference_free=s.reference_free, simpo_gamma=s.simpo_gamma, ignore_index=IGNORE,
+            tp_group=self.tp_group, vocab_size=self.vocab_size)
+        B = mb.num_items
+        stats = {"loss": loss.detach() * B}
+        for key, names in (("margin", ("reward_margins", "margins", "margin", "reward_margin")),
+                           ("accuracy", ("reward_accuracies", "accuracy", "accuracies", "reward_accuracy")),
+                           ("chosen_reward", ("chosen_rewards", "chosen_reward", "rewards_chosen")),
+                           ("rejected_reward", ("rejected_rewards", "rejected_reward", "rewards_rejected"))):
+            v = _metric_mean(metrics or {}, *names)
+            stats[key] = (v * B) if v is not None else torch.zeros((), device=loss.device)
+        return loss, stats
+
+    def eval_stats(self, hidden, weight, mb):
+        logp, _ = sequence_logps(hidden, weight, mb.labels, tp_group=self.tp_group, vocab_size=self.vocab_size)
+        B = mb.num_items
+        pc, pr = logp[:B], logp[B:]
+        rc, rr = self._ref(mb)
+        if rc is None:
+            rc = torch.zeros_like(pc)
+            rr = torch.zeros_like(pr)
+        margin = self.spec.beta * ((pc - rc) - (pr - rr))
+        return {"margin": margin.sum(), "accuracy": (margin > 0).float().sum(),
+                "chosen_logp": pc.sum(), "rejected_logp": pr.sum()}
+
+
+def reference_rows(hidden, weight, mb, *, tp_group: Any, vocab_size: int) -> torch.Tensor:
+    """Summed log-probs of each pair's (chosen, rejected): ``[B, 2]``."""
+    logp, _ = sequence_logps(hidden, weight, mb.labels, tp_group=tp_group, vocab_size=vocab_size)
+    B = mb.num_items
+    return torch.stack([logp[:B], logp[B:]], dim=1)

@@ -1,0 +1,114 @@
+"""Checkpoint, resume and the reference log-prob table of a training job.
+
+Layout of a job's output dir::
+
+    out/
+      checkpoint/            Megatron dist checkpoint(s) via the adapter; ``latest`` moves last
+      checkpoint/optim_<step>/rank<r>.pt   CPU optimizer state per rank (GPU: inside the
+                             adapter's checkpoint, Megatron's sharded optimizer state)
+      ref_logps.pt           DPO reference log-probs, computed once per round
+      metrics.jsonl, summary.json, hf/ (export)
+
+Resume contract (checked, not assumed): the checkpoint's ``extra_state`` records the job
+kind, the data fingerprint (tokenised items + plan settings), the layout and the step.
+A different kind or different data is an error, never a silent restart.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_sz.errors import CheckpointError
+from megatron_sz.megatron import training as mt
+
+
+def ckpt_root(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoint"
+
+
+def _optim_file(out_dir: Path, step: int, rank: int) -> Path:
+    return ckpt_root(out_dir) / f"optim_{step:08d}" / f"rank{rank:05d}.pt"
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save(out_dir: Path, *, chunks: list, optimizer: mt.TrainOptimizer, step: int, extra: dict,
+         world_rank: int) -> str:
+    """Save model (+ optimizer) at ``step`` (= number of completed steps)."""
+    from megatron_sz.megatron import save_checkpoint
+
+    if optimizer.checkpointable is None:
+        _atomic_torch_save(optimizer.state_dict(), _optim_file(out_dir, step, world_rank))
+        mt.barrier()
+    path = save_checkpoint(str(ckpt_root(out_dir)), chunks, optimizer.checkpointable, step=step,
+                           extra_state={**extra, "step": step})
+    mt.barrier()
+    if world_rank == 0:  # keep only the optimizer state of the checkpoint `latest` points at
+        for d in ckpt_root(out_dir).glob("optim_*"):
+            if d.name != f"optim_{step:08d}":
+                for f in d.glob("*"):
+                    f.unlink()
+                d.rmdir()
+    return str(path)
+
+
+def has_checkpoint(out_dir: Path) -> bool:
+    from megatron_sz.megatron import latest_checkpoint
+
+    root = ckpt_root(out_dir)
+    return root.exists() and latest_checkpoint(str(root)) is not None
+
+
+def resume(out_dir: Path, *, chunks: list, optimizer: mt.TrainOptimizer, expect: dict,
+           world_rank: int) -> dict | None:
+    """Load the latest checkpoint of this job, or return None when there is none."""
+    from megatron_sz.megatron import load_checkpoint
+
+    if not has_checkpoint(out_dir):
+        return None
+    extra = load_checkpoint(str(ckpt_root(out_dir)), chunks, optimizer.checkpointable)
+    if extra is None:
+        return None
+    where = str(ckpt_root(out_dir))
+    for key in ("kind", "fingerprint", "layout"):
+        if key in expect and extra.get(key) != expect[key]:
+            what = {"kind": "another job kind", "fingerprint": "other data or batch settings",
+                    "layout": "another TP/PP/DP layout"}[key]
+            raise CheckpointError(
+                f"the checkpoint in the output dir was written by {what} "
+                f"({key} {extra.get(key)!r}, this job {expect[key]!r})", where=where,
+                fix="use a fresh --out directory, or re-run with the same recipe, data and layout")
+    if optimizer.checkpointable is None:
+        f = _optim_file(out_dir, int(extra["step"]), world_rank)
+        if not f.exists():
+            raise CheckpointError(f"optimizer state {f.name} for step {extra['step']} is missing",
+                                  where=str(f.parent), fix="resume with the layout that wrote the checkpoint")
+        optimizer.load_state_dict(torch.load(f, map_location="cpu", weights_only=False))
+    return extra
+
+
+def load_ref_logps(path: Path, *, fingerprint: str, n_items: int) -> torch.Tensor:
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, dict) or "logps" not in obj:
+        raise CheckpointError("not a reference log-prob file", where=str(path),
+                              fix="pass a ref_logps.pt written by `megatron-sz train solver-dpo`")
+    if obj.get("fingerprint") != fingerprint or obj["logps"].shape != (n_items, 2):
+        raise CheckpointError(
+            f"reference log-probs were computed for other pairs ({tuple(obj['logps'].shape)[0]} pairs, "
+            f"fingerprint {obj.get('fingerprint')}; this job has {n_items}, {fingerprint})", where=str(path),
+            fix="delete the file to recompute it from the start-of-round policy, or pass the matching file")
+    return obj["logps"].float()
+
+
+def save_ref_logps(path: Path, logps: torch.Tensor, *, fingerprint: str, meta: dict) -> None:
+    _atomic_torch_save({"fingerprint": fingerprint, "logps": logps.cpu(), **meta}, path)
