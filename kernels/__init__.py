@@ -14,11 +14,28 @@ one), ``tp_group`` (explicit; ``None`` = no tensor parallelism) and ``vocab_size
 true vocabulary; rows beyond it are Megatron padding). float64 references live in
 ``megatron_sz.kernels.reference``.
 """
-from ._common import BACKEND_ENV, CHUNK_ENV, resolve_backend
-from .dpo import DPOOptions, dpo_loss, fused_linear_dpo_loss
-from .logprobs import linear_logprobs, sequence_logprobs
-from .wsft import fused_linear_wsft_loss
+from __future__ import annotations
 
-__all__ = ["linear_logprobs", "sequence_logprobs", "dpo_loss", "fused_linear_dpo_loss",
-           "fused_linear_wsft_loss", "DPOOptions", "resolve_backend", "BACKEND_ENV",
-           "CHUNK_ENV"]
+import importlib
+
+# Names resolve lazily (PEP 562) so that ``megatron-sz --help`` and the CLI's bench
+# registration can import this package without importing torch/triton.
+_EXPORTS = {
+    "linear_logprobs": "logprobs", "sequence_logprobs": "logprobs",
+    "dpo_loss": "dpo", "fused_linear_dpo_loss": "dpo", "DPOOptions": "dpo",
+    "fused_linear_wsft_loss": "wsft",
+    "resolve_backend": "_common", "BACKEND_ENV": "_common", "CHUNK_ENV": "_common",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -176,9 +176,35 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+_ADDMM_INPLACE_OK: dict[str, bool] = {}
+
+
+def _cuda_addmm_inplace_supported(device: torch.device) -> bool:
+    """Does ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` (cuBLAS with an fp32 C
+    operand and beta=1) work on this torch build? Probed once, numerically."""
+    key = str(device)
+    if key not in _ADDMM_INPLACE_OK:
+        try:
+            a = torch.ones(32, 16, dtype=torch.bfloat16, device=device)
+            acc = torch.full((32, 32), 0.5, dtype=torch.float32, device=device)
+            torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+            ok = bool((acc == 16.5).all())
+        except (TypeError, RuntimeError):
+            ok = False
+        _ADDMM_INPLACE_OK[key] = ok
+    return _ADDMM_INPLACE_OK[key]
+
+
 def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc float32 (the dW accumulator)."""
+    """acc += a @ b with acc float32 (the dW accumulator).
+
+    On CUDA with bf16/fp16 operands the accumulation happens inside the GEMM epilogue
+    (C = fp32 accumulator, beta = 1): no [V, H] temporary and one read+write of acc per
+    chunk. Older torch falls back to a temporary fp32 product.
+    """
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         acc.addmm_(a, b)
+    elif a.is_cuda and a.dtype == b.dtype and _cuda_addmm_inplace_supported(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.add_(mm_f32(a, b))

@@ -102,7 +102,8 @@ def _check_vec(name, t, b, device):
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor | None, ref_rejected_logps: torch.Tensor | None, *,
+             ref_chosen_logps: torch.Tensor | None = None,
+             ref_rejected_logps: torch.Tensor | None = None, *,
              beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
              chosen_lengths: torch.Tensor | None = None,
              rejected_lengths: torch.Tensor | None = None, reference_free: bool = False,

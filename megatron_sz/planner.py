@@ -241,6 +241,16 @@ class Plan:
             d["total_gib"] = s.total_bytes / GiB
             return d
 
+        last = self.stages[-1]
+        mem = {
+            "parameters": worst.param_bytes, "gradients": worst.grad_bytes, "optimizer": worst.optim_bytes,
+            "optimizer_distributed": worst.optim_bytes_distributed, "optimizer_plain": worst.optim_bytes_plain,
+            "activations": worst.act_bytes,
+            **{f"activations_{k}": v for k, v in worst.act_bytes_by_recompute.items()},
+            "loss": worst.loss_bytes, "loss_fused_last_stage": last.loss_bytes_fused,
+            "loss_materialised_last_stage": last.loss_bytes_materialised,
+            "total": worst.total_bytes,
+        }
         return {
             "label": self.label,
             "model": dataclasses.asdict(self.model),
@@ -263,6 +273,9 @@ class Plan:
                 "optim_gib": worst.optim_bytes / GiB, "act_gib": worst.act_bytes / GiB,
                 "loss_gib": worst.loss_bytes / GiB, "total_gib": worst.total_bytes / GiB,
             },
+            # The same worst-stage figures by plain names, in bytes and in GiB (2^30 bytes).
+            "memory_bytes": mem,
+            "memory_gib": {k: v / GiB for k, v in mem.items()},
             "stages": [stage_dict(s) for s in self.stages],
             "gpu_memory_gib": self.gpu_memory_gib,
             "fits": self.fits,

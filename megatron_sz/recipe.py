@@ -94,6 +94,8 @@ class ModelSpec:
             if recipe is None:
                 raise RecipeError(f"{where}.config is a path; load the recipe with load_recipe to resolve it")
             self.resolve_config(recipe, where=where)
+        if self.config is None:
+            raise RecipeError(f"{where}: no model given", fix="set 'hf_path' or 'config'")
         return dict(self.config)
 
 
@@ -288,7 +290,8 @@ class RolloutSpec:
 
     k: int = 8
     shards: int = 1
-    prompt_template: str | None = None  # None: the packaged template for this role
+    prompt_template: str | None = None  # None: the packaged template; else a .txt path or text with {problem}
+    chat: bool = False  # send the prompt as one user chat message (instruct models) instead of raw text
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     backend: BackendSpec = field(default_factory=BackendSpec)
 
@@ -424,9 +427,15 @@ class TokenizerSpec:
     """
 
     kind: Literal["hf", "sentencepiece"] = "hf"
-    path: str | None = None
+    path: str | None = None  # HF folder, SentencePiece .model, or a folder saved by megatron_sz.tokenizer
     train: bool = False
-    vocab_size: int = 512
+    vocab_size: int = 512  # target size when training (may come out smaller on little text)
+
+    def check(self) -> None:
+        if self.train and self.kind != "sentencepiece":
+            raise ValueError("field 'train' needs kind 'sentencepiece' (HF tokenizers come with the checkpoint)")
+        if self.train and self.vocab_size < 300:
+            raise ValueError("field 'vocab_size' must be >= 300 (256 byte pieces + specials + characters)")
 
 
 @dataclass
@@ -632,6 +641,8 @@ def _check_models_and_layouts(recipe: Recipe) -> None:
     for role in ("solver", "generator"):
         section = getattr(recipe, role)
         section.model.resolve_config(recipe, where=f"{role}.model")
+        if section.model.config is None and section.model.hf_path is None:
+            continue  # role left at its defaults
         try:
             cfg = section.model.hf_config(recipe, where=f"{role}.model")
         except RecipeError:

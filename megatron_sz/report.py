@@ -84,7 +84,10 @@ def write_round_metrics(ctx) -> dict:
             rows.append(json.loads(p.read_text()))
     atomic_write_text(rd.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     plot(rows, rd.plot_path)
-    _wandb(ctx, m)
+    try:
+        _wandb(ctx, m)
+    except Exception as exc:  # never fail a round over logging
+        ctx.log(f"wandb logging skipped ({type(exc).__name__}: {exc})")
     acc = m.get("accuracy")
     ctx.log(f"round {ctx.t} done: held-out acc {acc if acc is None else round(acc, 3)}, "
             f"curriculum {m['curriculum'].get('pool_size')} problems, zones {m['curriculum'].get('zones')}")

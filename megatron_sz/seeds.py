@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from megatron_sz.data import PROVENANCES, Problem, record_from_dict
-from megatron_sz.errors import DataError, UserError
+from megatron_sz.errors import DataError
 
 #: The paper's seed split (Socratic-Zero, arXiv 2509.24726): subject -> number of problems.
 PAPER_COUNTS: dict[str, int] = {
@@ -414,7 +414,8 @@ _NON_WORD = re.compile(r"[^a-z0-9]+")
 
 
 def normalise_problem(text: str) -> str:
-    """Lower-case, LaTeX markup and punctuation dropped, whitespace collapsed."""
+    """Lower-case; `$`, backslashes, braces and punctuation dropped (LaTeX command names stay
+    as words); whitespace collapsed."""
     t = text.lower().replace("$", " ")
     t = _LATEX_CMD.sub(lambda m: " " + m.group(1) + " ", t)
     return " ".join(_NON_WORD.sub(" ", t).split())
@@ -644,8 +645,13 @@ def render_answer(value: Any) -> str:
                     "sympy expression, tuple, Interval, FiniteSet or string")
 
 
+_PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?|-?\\frac\{\d+\}\{\d+\}")
+
+
 def _parse_one(text: str) -> dict:
     """math-verify's reading of an answer (its parser backs ``megatron_sz.verify``)."""
+    if _PLAIN_NUMBER.fullmatch(text.strip()):
+        return {"ok": True, "parsed": True, "repr": text.strip()}  # skip the LaTeX parser
     from math_verify import parse
 
     got = parse(f"${text}$", parsing_timeout=None)

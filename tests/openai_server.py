@@ -12,7 +12,8 @@ Failure injection (each decided per HTTP request with a seeded RNG):
 ``--error-rate`` (HTTP 500), ``--drop-rate`` (close the socket without replying),
 ``--slow-rate``/``--slow-s`` (sleep before replying), ``--fail-first K`` (the first K
 requests for each distinct prompt get HTTP 500), ``--ignore-n`` (always one choice),
-``--delay-s`` (latency of every reply). ``--log FILE`` appends one JSON line per
+``--delay-s`` (latency of every reply), ``--error-every N`` / ``--drop-every N`` (every
+N-th request received, for tests that must see each failure kind). ``--log FILE`` appends one JSON line per
 successful reply (prompt, number of choices) so tests can count server-side work.
 """
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Config:
         self.slow_rate = float(kw.get("slow_rate", 0.0))
         self.slow_s = float(kw.get("slow_s", 0.0))
         self.fail_first = int(kw.get("fail_first", 0))
+        self.error_every = int(kw.get("error_every", 0))
+        self.drop_every = int(kw.get("drop_every", 0))
         self.ignore_n = bool(kw.get("ignore_n", False))
         self.delay_s = float(kw.get("delay_s", 0.0))
         self.log = kw.get("log")
@@ -94,16 +97,22 @@ def make_handler(cfg: Config):
                     return self._send(400, {"error": {"message": "prompt must be a string"}})
             with cfg.lock:
                 cfg.seen[prompt] += 1
-                nth = cfg.seen[prompt]
+                cfg.counts["received"] += 1
+                k = cfg.counts["received"]
                 roll = cfg.rng.random()
                 slow = cfg.rng.random() < cfg.slow_rate
-            if nth <= cfg.fail_first or roll < cfg.error_rate:
-                with cfg.lock:
-                    cfg.counts["500"] += 1
+                if cfg.seen[prompt] <= cfg.fail_first or roll < cfg.error_rate \
+                        or (cfg.error_every and k % cfg.error_every == 0):
+                    action = "500"
+                elif roll < cfg.error_rate + cfg.drop_rate or (cfg.drop_every and k % cfg.drop_every == 0):
+                    action = "drop"
+                else:
+                    action = "ok"
+                if action != "ok":
+                    cfg.counts[action] += 1
+            if action == "500":
                 return self._send(500, {"error": {"message": "injected failure"}})
-            if roll < cfg.error_rate + cfg.drop_rate:
-                with cfg.lock:
-                    cfg.counts["drop"] += 1
+            if action == "drop":  # close the socket without a reply
                 self.close_connection = True
                 try:
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -156,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slow-rate", type=float, default=0.0, help="share of requests delayed by --slow-s")
     ap.add_argument("--slow-s", type=float, default=0.0, help="extra delay of slow requests")
     ap.add_argument("--fail-first", type=int, default=0, help="first K requests per prompt get HTTP 500")
+    ap.add_argument("--error-every", type=int, default=0, help="every N-th request received gets HTTP 500")
+    ap.add_argument("--drop-every", type=int, default=0, help="every N-th request received is dropped")
     ap.add_argument("--ignore-n", action="store_true", help="always return one choice")
     ap.add_argument("--delay-s", type=float, default=0.0, help="latency of every reply")
     ap.add_argument("--seed", type=int, default=0, help="seed of the failure injection")

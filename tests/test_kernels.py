@@ -20,17 +20,24 @@ BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+def _device(backend):
+    """Triton runs on the GPU when there is one, else on CPU under the interpreter."""
+    if backend == "triton" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _inputs(seed, lead, h, v, dtype=torch.float32, scale=1.0, ignore_frac=0.2):
+def _inputs(seed, lead, h, v, dtype=torch.float32, scale=1.0, ignore_frac=0.2, device="cpu"):
     g = _gen(seed)
-    hidden = (torch.randn(*lead, h, generator=g) * scale).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) / h ** 0.5 * 4).to(dtype).requires_grad_()
+    hidden = (torch.randn(*lead, h, generator=g) * scale).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5 * 4).to(device, dtype).requires_grad_()
     labels = torch.randint(0, v, lead, generator=g)
     labels[torch.rand(lead, generator=g) < ignore_frac] = -100
-    return hidden, weight, labels
+    return hidden, weight, labels.to(device)
 
 
 def _ref_leaves(hidden, weight):
@@ -52,13 +59,13 @@ def _check_grads(h, w, h_ref, w_ref, tol, what=""):
 ])
 def test_linear_logprobs_matches_reference(rng_seed, backend, dtype, n, v, temperature,
                                            vocab_pad, chunk):
-    h, w, y = _inputs(rng_seed, (n,), 24, v, dtype)
+    h, w, y = _inputs(rng_seed, (n,), 24, v, dtype, device=_device(backend))
     vocab_size = v - vocab_pad
     y = torch.where(y >= vocab_size, y % vocab_size, y)
     out = linear_logprobs(h, w, y, temperature=temperature, vocab_size=vocab_size,
                           backend=backend, chunk_size=chunk)
     assert out.dtype == torch.float32 and out.shape == (n,)
-    upstream = torch.randn(n, generator=_gen(rng_seed + 1))
+    upstream = torch.randn(n, generator=_gen(rng_seed + 1)).to(h.device)
     (out * upstream).sum().backward()
     hr, wr = _ref_leaves(h, w)
     ref = ref_linear_logprobs(hr, wr, y, temperature=temperature, vocab_size=vocab_size)
@@ -73,7 +80,7 @@ def test_linear_logprobs_matches_reference(rng_seed, backend, dtype, n, v, tempe
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_logprobs_extreme_logits_and_all_ignored(rng_seed, backend):
-    h, w, y = _inputs(rng_seed, (4, 9), 24, 301, scale=1.0)
+    h, w, y = _inputs(rng_seed, (4, 9), 24, 301, device=_device(backend))
     with torch.no_grad():  # |z| ~ 1e4
         h.mul_(1e4 / (h @ w.t()).abs().max())
     y[1] = -100                                   # a fully ignored sequence
@@ -94,7 +101,7 @@ def test_linear_logprobs_extreme_logits_and_all_ignored(rng_seed, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sequence_logprobs_and_frozen_weight(rng_seed, backend):
-    h, w, y = _inputs(rng_seed, (3, 11), 24, 257)
+    h, w, y = _inputs(rng_seed, (3, 11), 24, 257, device=_device(backend))
     w.requires_grad_(False)
     s = sequence_logprobs(h, w, y, backend=backend)
     s.sum().backward()
@@ -118,19 +125,19 @@ DPO_CASES = [
 ]
 
 
-def _dpo_inputs(seed, b=3, t=7, v=1001, dtype=torch.float32):
-    h, w, y = _inputs(seed, (2 * b, t), 24, v, dtype)
+def _dpo_inputs(seed, b=3, t=7, v=1001, dtype=torch.float32, device="cpu"):
+    h, w, y = _inputs(seed, (2 * b, t), 24, v, dtype, device=device)
     y[:, :2] = -100                             # prompt tokens
     g = _gen(seed + 7)
     rc = -torch.rand(b, generator=g) * 40
     rr = -torch.rand(b, generator=g) * 40
-    return h, w, y, rc, rr
+    return h, w, y, rc.to(device), rr.to(device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", DPO_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_fused_dpo_matches_reference(rng_seed, backend, case):
-    h, w, y, rc, rr = _dpo_inputs(rng_seed)
+    h, w, y, rc, rr = _dpo_inputs(rng_seed, device=_device(backend))
     y[4, 2:] = -100                             # a fully ignored rejected completion
     kw = dict(case)
     kw.setdefault("beta", 0.1)
@@ -150,7 +157,8 @@ def test_fused_dpo_matches_reference(rng_seed, backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_dpo_bf16_and_no_grad_path(rng_seed, backend):
-    h, w, y, rc, rr = _dpo_inputs(rng_seed, b=2, t=5, v=500, dtype=torch.bfloat16)
+    h, w, y, rc, rr = _dpo_inputs(rng_seed, b=2, t=5, v=500, dtype=torch.bfloat16,
+                                  device=_device(backend))
     loss, _ = fused_linear_dpo_loss(h, w, y, ref_chosen_logps=rc, ref_rejected_logps=rr,
                                     backend=backend, nll_alpha=0.2)
     loss.backward()
@@ -198,10 +206,10 @@ def test_dpo_loss_on_logps_matches_reference(rng_seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("normalization", ["sum", "sequence", "token"])
 def test_fused_wsft_matches_reference(rng_seed, backend, normalization):
-    h, w, y = _inputs(rng_seed, (4, 9), 24, 1001)
+    h, w, y = _inputs(rng_seed, (4, 9), 24, 1001, device=_device(backend))
     y = torch.where(y >= 990, y % 990, y)        # labels never point into padding rows
     y[2] = -100                                  # fully ignored sample
-    sw = torch.rand(4, generator=_gen(rng_seed + 3)) * 3
+    sw = (torch.rand(4, generator=_gen(rng_seed + 3)) * 3).to(h.device)
     sw[1] = 0.0                                  # zero-weight sample
     loss = fused_linear_wsft_loss(h, w, y, sw, normalization=normalization, backend=backend,
                                   chunk_size=10, vocab_size=990)
@@ -218,8 +226,8 @@ def test_fused_wsft_matches_reference(rng_seed, backend, normalization):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wsft_zero_weight_exact_and_doubling_is_linear(rng_seed, backend):
-    h, w, y = _inputs(rng_seed, (3, 6), 24, 300)
-    sw = torch.rand(3, generator=_gen(rng_seed)) + 0.5
+    h, w, y = _inputs(rng_seed, (3, 6), 24, 300, device=_device(backend))
+    sw = (torch.rand(3, generator=_gen(rng_seed)) + 0.5).to(h.device)
 
     def grads(weights):
         hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()

@@ -95,7 +95,7 @@ def _recipe_jobs(args) -> list[dict]:
         section = getattr(recipe, role)
         if role == "generator" and not section.enabled and not args.role:
             continue
-        where = f"{recipe.source}: {role}"
+        where = f"{recipe.source}: {role}.parallel"
         cfg = section.model.hf_config(recipe, where=f"{where}.model")
         train = section.dpo if role == "solver" else section.wsft
         par = section.parallel

@@ -33,7 +33,6 @@ from megatron_sz.recipe import BackendSpec, SamplingSpec
 
 log = logging.getLogger("megatron_sz.inference")
 
-Prompt = "str | list[dict]"
 OnResult = Callable[["GenerationResult"], None]
 
 

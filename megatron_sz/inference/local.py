@@ -16,7 +16,6 @@ For tiny models (the embedded default's ~1M-parameter solver) and tests. What is
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -300,3 +300,41 @@ def forward_logits(model, input_ids: torch.Tensor, position_ids: Optional[torch.
         if strip_padding:
             logits = logits[..., :true_vocab_size(model)]
     return logits.transpose(0, 1).contiguous()
+
+
+def pipeline_forward_logits(model_chunks, input_ids: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Forward-only logits through Megatron's pipeline schedule (any PP, one micro-batch).
+
+    Every rank calls it with the same ``input_ids``; returns ``[b, s, V_true]`` on the
+    last stage and None elsewhere. With PP=1 it is ``forward_logits``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        with torch.no_grad():
+            return forward_logits(chunks[0], input_ids, attention_mask=attention_mask)
+    collected: list[torch.Tensor] = []
+
+    def forward_step(data_iterator, model):
+        ids = next(data_iterator)
+        hidden = forward_hidden(model, ids, attention_mask=attention_mask)
+
+        def loss_func(output):
+            gpt = unwrap(model)
+            if gpt.post_process:
+                logits = gather_from_tensor_model_parallel_region(output @ lm_head_weight(model).t())
+                collected.append(logits[..., :gpt.true_vocab_size].transpose(0, 1).contiguous())
+            return output.new_zeros(()), {}
+        return hidden, loss_func
+
+    fb = get_forward_backward_func()
+    with torch.no_grad():
+        fb(forward_step_func=forward_step, data_iterator=iter([input_ids]) if len(chunks) == 1 else [iter([input_ids]) for _ in chunks],
+           model=chunks,
+           num_microbatches=1, seq_length=input_ids.shape[1], micro_batch_size=input_ids.shape[0],
+           forward_only=True)
+    return collected[0] if collected else None

@@ -14,7 +14,7 @@ A teacher never raises for a bad model reply: every call returns an outcome with
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 

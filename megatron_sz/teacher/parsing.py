@@ -340,6 +340,12 @@ def _parse_json_reply(text: str | None, required: tuple[str, ...]) -> ParsedRepl
             start = cand.find("{", start + max(1, len(segment)))
     if best is not None:
         return best
+    for cand, _ in _candidates(text):  # valid JSON, but an array / string / number
+        try:
+            value = json.loads(cand.strip())
+        except (json.JSONDecodeError, ValueError):
+            continue
+        return ParsedReply("wrong_type", raw=text, error=f"JSON {type(value).__name__}, not an object")
     return ParsedReply("not_json", raw=text, error=last_error)
 
 

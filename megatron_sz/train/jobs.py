@@ -182,19 +182,21 @@ def model_source(model_spec: Any, init: str | None, recipe: Any) -> tuple[dict, 
             return expected[0], "random", None
         else:
             raise RecipeError("no starting weights: pass --init, or set model.hf_path / model.config")
+    from megatron_sz.megatron import latest_checkpoint
+
     p = Path(init)
     if not p.is_dir():
         raise CheckpointError(f"--init {init} is not a folder",
                               fix="pass an HF model folder or a megatron-sz checkpoint folder")
+    if (p / "checkpoint").is_dir() and latest_checkpoint(p / "checkpoint") is not None:
+        p = p / "checkpoint"  # a training job's output dir: its final Megatron checkpoint
     is_hf = (p / "config.json").exists() and any(p.glob("*.safetensors"))
-    is_mcore = (p / "hf_config.json").exists() or (p / "latest").exists() or (p / "checkpoint").is_dir()
-    if (p / "checkpoint").is_dir() and not (p / "hf_config.json").exists():
-        p = p / "checkpoint"  # a training job's output dir
-    if not (is_hf or is_mcore):
+    ckpt = None if is_hf else latest_checkpoint(p)
+    if not is_hf and ckpt is None:
         raise CheckpointError(f"--init {init} is neither an HF model folder (config.json + *.safetensors) "
-                              "nor a megatron-sz checkpoint (hf_config.json)",
+                              "nor a complete megatron-sz checkpoint (latest -> iter_*/ with hf_config.json)",
                               fix="point at the previous stage's out/hf or out/checkpoint folder")
-    cfg, arch = parse_hf_config(str(p))
+    cfg, arch = parse_hf_config(str(p if is_hf else ckpt))
     if expected is not None:
         diff = _arch_diff(expected[1], arch)
         if diff:
@@ -507,9 +509,8 @@ def _export_hf(out: Path, tok: Any, *, rank: int) -> str | None:
     from megatron_sz.train import state
 
     hf = out / "hf"
-    mt.barrier()
+    mcore_to_hf(str(state.ckpt_root(out)), str(hf), progress=False, overwrite=True)  # rank 0 writes
     if rank == 0:
-        mcore_to_hf(str(state.ckpt_root(out)), str(hf))
         tok.save(hf)
         log(f"exported HF checkpoint to {hf}", rank=rank)
     mt.barrier()

@@ -50,15 +50,22 @@ def solution_text(a: int, b: int, boxed: int) -> str:
     return f"{a} + {b} = {a + b}. The answer is \\boxed{{{boxed}}}."
 
 
-def arithmetic_pairs(n: int, *, seed: int, prompt_fn=None) -> list[PreferencePair]:
+def arithmetic_pairs(n: int, *, seed: int, prompt_fn=None, wrong: str = "near") -> list[PreferencePair]:
+    """``wrong="near"``: the rejected answer is the sum off by 1..5 (learning to prefer
+    chosen means copying the computed sum; slow for a tiny random model);
+    ``wrong="negative"``: the rejected answer is a negative number (a surface feature a
+    tiny model picks up within a few dozen DPO steps)."""
     rng = random.Random(seed)
     pairs = []
     for i in range(n):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        wrong = a + b + rng.choice([d for d in range(-5, 6) if d and a + b + d >= 0])
+        if wrong == "negative":
+            wrong_v = -rng.randint(1, 18)
+        else:
+            wrong_v = a + b + rng.choice([d for d in range(-5, 6) if d and a + b + d >= 0])
         prompt = prompt_fn(_problem_text(a, b)) if prompt_fn else _problem_text(a, b) + "\n"
         pairs.append(PreferencePair(prompt=prompt, chosen=solution_text(a, b, a + b),
-                                    rejected=solution_text(a, b, wrong), problem_id=f"q{i}-{a}-{b}"))
+                                    rejected=solution_text(a, b, wrong_v), problem_id=f"q{i}-{a}-{b}"))
     return pairs
 
 

@@ -137,10 +137,12 @@ def _num(x: Fraction) -> str:
     return str(x) if x.denominator < 10**6 else f"{float(x):.6g}"
 
 
-# The worker's one-time import of sympy + math-verify: ~0.5 s idle, several seconds on a
-# loaded 2-core CI box. It is waited for outside the per-answer timeout, once per worker,
-# so a cold start never turns a correct answer into a timeout. Restarts after a kill
-# happen in the background and do count against the next answer's timeout.
+# The worker's one-time import of sympy + math-verify takes ~0.6 s on an idle core and
+# 3-4 s on a 2-core box at load 15 (measured). A cold start is always waited for (up to
+# COLD_START_S) and then leaves at least min(2 s, timeout_s/2) for the comparison itself
+# (real ones take 0.01-0.5 s), so a cold start does not turn a correct answer into a
+# timeout, while a hanging input still ends near timeout_s. Restarts after a kill begin
+# in the background at once and count against the next answer's timeout.
 COLD_START_S = 120.0
 
 
@@ -156,14 +158,16 @@ def _symbolic(request: dict, worker: Worker, timeout_s: float, started: float) -
     if not worker.lock.acquire(timeout=max(0.0, started + lock_wait - time.monotonic())):
         return _undecided(f"timeout: verifier busy for {timeout_s:g}s")
     try:
+        # Leave a small margin so that the whole call, kill included, ends within timeout_s.
+        deadline = started + max(0.05, timeout_s - min(0.25, 0.1 * timeout_s))
         if not worker.ever_ready:
             try:
                 worker.wait_ready(time.monotonic() + COLD_START_S)
             except OSError:
                 pass  # cannot spawn: handled below
-            started = time.monotonic()
-        # Leave a small margin so that the whole call, kill included, ends within timeout_s.
-        deadline = started + max(0.05, timeout_s - min(0.25, 0.1 * timeout_s))
+            # After a cold start, still allow a real comparison (legit ones take < 0.5 s),
+            # without letting a hanging input run much past timeout_s.
+            deadline = max(deadline, time.monotonic() + min(2.0, 0.5 * timeout_s))
         try:
             reply = worker.call(dict(request, timeout_s=timeout_s), deadline)
         except OSError as err:  # cannot spawn a process here: run in-process, unguarded

@@ -69,7 +69,8 @@ def find_boxed(text: str) -> str | None:
             if content:
                 return content
             continue
-        if j > pos:  # ``\boxed 5``: a space, then a bare token
+        if j < len(text) and (j > pos or text[j].isalnum() or text[j] in "-."):
+            # ``\boxed 5`` / ``\boxed5``: a bare token (models mean the whole token)
             m = _BARE_TOKEN.match(text, j)
             if m:
                 return m.group(0).rstrip(".")

@@ -36,9 +36,13 @@ _CTRL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _POWER_TOWER = re.compile(
     r"\^\s*\{?\s*[-+]?[\w.\\]+\s*\}?\s*\^"      # a^b^c, a^{b}^c
     r"|\^\s*\{[^{}]*\^"                            # a^{b^c}
+    r"|\^\s*\([^()]*\^"                            # (a^b)^(c^d)
     r"|\*\*[^*]*\*\*")                             # a**b**c
 _EXPONENT = re.compile(r"(?:\^|\*\*)\s*\{?\s*\(?\s*(\d+)")
 _FACTORIAL = re.compile(r"(\d+)\s*\}?\s*\)?\s*!")
+_COMBINATORIAL = re.compile(r"\\binom|\\choose|!|\\Gamma|\\sum|\\prod|factorial|gamma")
+_DIGITS = re.compile(r"\d+")
+_NUMERIC_POWER = re.compile(r"\d\s*\^\s*\{?\s*(\d+)")   # 10^{9}: base is a number
 _NESTED_FACTORIAL = re.compile(r"!\s*[)}]\s*!")
 
 _UNICODE = {
@@ -105,6 +109,10 @@ def unsafe_reason(s: str) -> str | None:
             return f"factorial of {m.group(1)[:12]} too large"
     if "!" in s and "^" in s and re.search(r"[)}]\s*!", s):
         return "factorial of a power is not evaluated"
+    if _COMBINATORIAL.search(s):
+        if any(len(d) > 6 for d in _DIGITS.findall(s)) or any(
+                len(e) > 1 or int(e) > 5 for e in _NUMERIC_POWER.findall(s)):
+            return "binomial/factorial/sum of a huge number is not evaluated"
     if _NESTED_FACTORIAL.search(s):
 
         return "nested factorial is not evaluated"
@@ -270,6 +278,9 @@ def canonicalize(raw: str) -> Canon:
     s = re.sub(r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", "", s)
     s = s.strip().rstrip(".").strip()
     s = _ALIASES.get(s.casefold(), s)
+    # Words are case-insensitive ("Alice, Bob" = "alice, bob"); single-letter variables
+    # and LaTeX commands keep their case.
+    s = _WORD.sub(lambda m: m.group(0).casefold(), s)
     c.text = s
     if c.is_text:
         c.text = re.sub(r"\s+", " ", s.casefold()).strip(" .")
@@ -278,6 +289,7 @@ def canonicalize(raw: str) -> Canon:
     return c
 
 
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
 _PLAIN_PI = re.compile(r"(?<![\\A-Za-z])pi(?![A-Za-z])")
 _VAR = r"(?:[A-Za-z]|\\[A-Za-z]+)"
 _LESS = {"<": False, "\\lt": False, "\\leq": True, "<=": True, "\\leqslant": True}

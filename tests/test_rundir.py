@@ -1,0 +1,97 @@
+"""Run directory: markers, idempotent stages, refusal of a different recipe, plan structure, dry-run plans."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_sz.errors import UserError
+from megatron_sz.recipe import load_recipe
+from megatron_sz.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_markers_and_shards(tmp_path, rng_seed):
+    rd = RunDir.create_or_open(tmp_path / "run", recipe_text="name: x\n", recipe_source=None, name="x", seed=rng_seed)
+    n = 2 + rng_seed % 4
+    assert rd.shards_done(0, "rollout", n) == [False] * n
+    for i in range(n - 1):
+        rd.mark_done(0, "rollout", (i, n), trajectories=i)
+    assert rd.shards_done(0, "rollout", n) == [True] * (n - 1) + [False]
+    assert rd.read_marker(0, "rollout", (0, n))["trajectories"] == 0
+    assert not rd.is_done(0, "rollout")
+    # reopening with the same text is fine, with another one is refused
+    RunDir.create_or_open(tmp_path / "run", recipe_text="name: x\n", recipe_source=None, name="x", seed=1)
+    with pytest.raises(UserError, match="different recipe"):
+        RunDir.create_or_open(tmp_path / "run", recipe_text="name: y\n", recipe_source=None, name="y", seed=1)
+    with pytest.raises(UserError, match="not a megatron-sz run directory"):
+        RunDir.open(tmp_path / "nothing")
+
+
+def test_round_plan_order_and_dependencies():
+    from megatron_sz.executor import correlated, upstream
+    from megatron_sz.round import find_stage, plan_round
+
+    r = load_recipe("recipes/local-tiny.yaml")
+    names0 = [s.name for s in plan_round(r, 0)]
+    names1 = [s.name for s in plan_round(r, 1)]
+    # the issue's order: rollouts, verify, pairs, DPO, refine, probe (s_q'), WSFT, curriculum, eval
+    order = ["rollout", "verify", "pairs", "dpo", "refine", "probe", "wsft", "curriculum", "eval"]
+    assert [n for n in names1 if n in order] == order
+    assert names0[:3] == ["prepare", "sft", "eval_sft"] and names0[3:] == names1
+    v = find_stage(r, 1, "verify")
+    assert correlated(find_stage(r, 1, "rollout"), v)
+    assert upstream(r, 1, find_stage(r, 1, "rollout")) == [(0, "curriculum"), (0, "dpo")]
+    assert (0, "wsft") in upstream(r, 1, find_stage(r, 1, "wsft"))
+    # refinement waits only for the verdicts, so it can overlap DPO on another partition
+    assert upstream(r, 1, find_stage(r, 1, "refine")) == [(1, "verify")]
+
+
+def _cli(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, "-m", "megatron_sz", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_submit_dry_run_writes_scripts_and_plan(tmp_path):
+    res = _cli("submit", "recipes/local-tiny.yaml", "--run-dir", str(tmp_path / "run"), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "dry run" in out and "r0.verify" in out and "aftercorr:<r0.rollout>" in out
+    scripts = sorted((tmp_path / "run" / "slurm" / "scripts").glob("*.sbatch"))
+    assert len(scripts) == 3 * 10 + 3  # 10 stages per round + prepare, sft, eval_sft
+    text = (tmp_path / "run" / "slurm" / "scripts" / "r000-rollout.sbatch").read_text()
+    assert "#SBATCH --array=0-1%2" in text and "#SBATCH --partition=solver" in text
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@60" in text
+    assert "trap 'forward USR1' USR1" in text and "srun " in text
+    teacher = (tmp_path / "run" / "slurm" / "scripts" / "r001-verify.sbatch").read_text()
+    assert "#SBATCH --partition=teacher" in teacher
+    assert "--partition=generator" in (tmp_path / "run" / "slurm" / "scripts" / "r002-wsft.sbatch").read_text()
+    # nothing recorded as submitted
+    assert not (tmp_path / "run" / "slurm" / "jobs.jsonl").exists()
+    bash = subprocess.run(["bash", "-n", str(tmp_path / "run" / "slurm" / "scripts" / "r000-dpo.sbatch")])
+    assert bash.returncode == 0
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ("s/replay_ratio: 0.25/replay_ratio: 1.5/", "replay_ratio"),
+    ("s/  replay_ratio:/  replay_ration:/", "did you mean 'replay_ratio'"),
+    ("s/parallel: {tp: 1, pp: 1, nodes: 1, gpus_per_node: 1}/parallel: {tp: 3, pp: 1, nodes: 1, gpus_per_node: 3}/",
+     "num_attention_heads"),
+    ("s|config: models/tiny-cpu.json|hf_path: /nonexistent/model|", "not found"),
+    ("s/seeds_from_teacher: 96/seeds_file: bad-seeds.jsonl/", "seed file"),
+])
+def test_invalid_input_fails_before_submission(tmp_path, edit, needle):
+    src = (ROOT / "recipes" / "local-tiny.yaml").read_text()
+    recipe = tmp_path / "r.yaml"
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-cpu.json").write_text((ROOT / "recipes" / "models" / "tiny-cpu.json").read_text())
+    (tmp_path / "bad-seeds.jsonl").write_text('{"id": "a", "problem": "", "answer": "1"}\n')
+    recipe.write_text(src)
+    subprocess.run(["sed", "-i", edit, str(recipe)], check=True)
+    assert recipe.read_text() != src
+    res = _cli("submit", str(recipe), "--run-dir", str(tmp_path / "run"), "--dry-run")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert needle in res.stderr and res.stderr.startswith("error:")
+    assert not (tmp_path / "run" / "slurm").exists()

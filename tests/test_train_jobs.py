@@ -1,0 +1,228 @@
+"""The three training jobs end to end on a tiny Qwen3-shaped model (CPU, TP=1, in-process).
+
+* solver-sft lowers held-out NLL;
+* solver-dpo raises held-out preference accuracy above 0.8 on pairs that differ
+  systematically (chosen boxes the right sum, rejected a negative number);
+* SIGTERM mid-run -> exit 75 with a checkpoint -> re-run -> final weights, losses and
+  reference log-probs identical to an uninterrupted run;
+* WSFT: a weight-0 example contributes exactly nothing, doubling a weight doubles
+  its gradient contribution;
+* clear errors for an empty pair file, overlong pairs, another architecture.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("megatron.core")
+
+from megatron_sz.errors import CheckpointError, DataError  # noqa: E402
+from megatron_sz.train import testing as T  # noqa: E402
+from megatron_sz.train.jobs import run_job  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Tokenizer + tiny config, and single-threaded torch (a loaded 2-core box is ~20x
+    slower with two intra-op threads fighting other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("train")
+    tok = T.make_tokenizer(root / "tok")
+    cfg = T.tiny_config(tok.vocab_size)
+    yield {"root": root, "tok": str(root / "tok"), "cfg": cfg, "tokenizer": tok}
+    torch.set_num_threads(threads)
+
+
+def recipe(env, name, **sections):
+    return str(T.write_recipe(env["root"] / f"{name}.yaml", config=env["cfg"], tokenizer=env["tok"],
+                              sections=sections))
+
+
+def read_metrics(out: Path, typ="train") -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == typ]
+
+
+def load_weights(ckpt_root) -> dict:
+    from megatron_sz.megatron import build_model, latest_checkpoint, load_checkpoint
+
+    chunks = build_model(str(latest_checkpoint(ckpt_root)), tp=1, pp=1, init_weights=False)
+    load_checkpoint(ckpt_root, chunks)
+    return {k: v.detach().clone() for k, v in chunks[0].state_dict().items()
+            if isinstance(v, torch.Tensor) and "_extra_state" not in k}
+
+
+def test_solver_sft_lowers_heldout_nll(env, rng_seed):
+    data = T.write_records(env["root"] / "sft.jsonl", T.arithmetic_problems(60, seed=rng_seed))
+    r = recipe(env, "sft", seed=rng_seed, solver={"sft": {"max_length": 160, "eval_fraction": 0.2, "export_hf": True,
+                                                          "optim": {"lr": 3e-3, "warmup_steps": 2, "decay": "cosine"}}})
+    out = env["root"] / "sft-out"
+    res = run_job("solver-sft", r, data, None, out)
+    assert res.exit_code == 0 and res.step == res.total_steps == 12
+    s = json.loads((out / "summary.json").read_text())
+    start, end = s["eval_start"]["eval_nll"], s["eval_end"]["eval_nll"]
+    print(f"held-out NLL {start:.3f} -> {end:.3f}")
+    assert end < start - 1.0
+    rows = read_metrics(out)
+    assert [x["step"] for x in rows] == list(range(1, 13))
+    assert all(k in rows[0] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "eta_s", "mfu"))
+    assert rows[0]["lr"] < rows[1]["lr"]  # warm-up
+    # The HF export is a self-contained folder for the next stage's rollouts.
+    hf = Path(res.hf_dir)
+    assert (hf / "config.json").exists() and list(hf.glob("*.safetensors")) and (hf / "tokenizer.model").exists()
+
+
+def test_solver_dpo_raises_heldout_preference_accuracy(env, rng_seed):
+    pairs = T.arithmetic_pairs(64, seed=rng_seed, wrong="negative")
+    data = T.write_records(env["root"] / "pairs.jsonl", pairs)
+    r = recipe(env, "dpo", seed=rng_seed, solver={"dpo": {"eval_fraction": 0.25, "beta": 0.1,
+                                                          "optim": {"lr": 3e-3, "decay": "constant"}}})
+    out = env["root"] / "dpo-out"
+    res = run_job("solver-dpo", r, data, None, out)
+    s = res.summary
+    print("eval", s["eval_start"], "->", s["eval_end"])
+    assert s["eval_start"]["eval_accuracy"] == 0.0 and abs(s["eval_start"]["eval_margin"]) < 1e-6  # policy == ref
+    assert s["eval_end"]["eval_accuracy"] > 0.8 and s["eval_end"]["eval_margin"] > 0.1
+    ref = torch.load(out / "ref_logps.pt", weights_only=False)
+    assert ref["logps"].shape == (64, 2) and (ref["logps"] < 0).all()
+    rows = read_metrics(out)
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2 at the first step (policy == ref)
+    assert all("margin" in x and "accuracy" in x for x in rows)
+
+
+def test_sigterm_resume_matches_uninterrupted_run(env, rng_seed, monkeypatch):
+    data = T.write_records(env["root"] / "pairs-r.jsonl", T.arithmetic_pairs(40, seed=rng_seed))
+    r = recipe(env, "resume", seed=rng_seed, solver={"dpo": {"optim": {"lr": 2e-3, "warmup_steps": 3,
+                                                                        "decay": "cosine", "weight_decay": 0.01}}})
+    full = run_job("solver-dpo", r, data, None, env["root"] / "full")
+    assert full.exit_code == 0 and full.total_steps == 10
+    out = env["root"] / "killed"
+    monkeypatch.setenv("MEGATRON_SZ_SIGNAL_AT_STEP", "4")  # a real SIGTERM to ourselves during step 5
+    first = run_job("solver-dpo", r, data, None, out)
+    assert first.exit_code == 75 and first.step == 5
+    assert json.loads((out / "summary.json").read_text())["exit_code"] == 75
+    ref_mtime = (out / "ref_logps.pt").stat().st_mtime_ns
+    monkeypatch.delenv("MEGATRON_SZ_SIGNAL_AT_STEP")
+    second = run_job("solver-dpo", r, data, None, out)
+    assert second.exit_code == 0 and second.step == 10
+    assert (out / "ref_logps.pt").stat().st_mtime_ns == ref_mtime  # computed once per round
+    a, b = load_weights(env["root"] / "full" / "checkpoint"), load_weights(out / "checkpoint")
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"weights differ after resume: {bad[:5]}"
+    la, lb = read_metrics(env["root"] / "full"), read_metrics(out)
+    assert [x["step"] for x in lb] == list(range(1, 11))
+    assert [(x["loss"], x["lr"]) for x in la] == [(x["loss"], x["lr"]) for x in lb]
+
+
+def _flat_grads(chunks):
+    return torch.cat([p.grad.reshape(-1) for p in chunks[0].parameters() if p.grad is not None])
+
+
+def test_wsft_zero_weight_changes_nothing_and_double_weight_doubles_gradient(env, rng_seed):
+    from megatron_sz import dist
+    from megatron_sz import megatron as adapter
+    from megatron_sz.megatron.training import parallel_info
+    from megatron_sz.train.data import collate, tokenize_examples
+    from megatron_sz.train.objectives import WSFTObjective
+
+    dist.init_from_env()
+    adapter.initialize_parallel(1, 1, seed=rng_seed)
+    chunks = adapter.build_model(env["cfg"], tp=1, pp=1)
+    info = parallel_info()
+    rng = random.Random(rng_seed)
+    recs = T.arithmetic_weighted(4, seed=rng_seed)
+    items, _ = tokenize_examples(((r.prompt, r.target, r.weight, i) for i, r in enumerate(recs)), env["tokenizer"],
+                                 max_length=64, overlong="truncate")
+    garbage, _ = tokenize_examples([("Compute 7 + 7.", "entirely different target text 12345", 1.0, 0)],
+                                   env["tokenizer"], max_length=64, overlong="truncate")
+    for normalization in ("sum", "sequence", "token"):
+        obj = WSFTObjective(normalization=normalization, tp_group=None, vocab_size=env["cfg"]["vocab_size"])
+        weights = [rng.uniform(0.2, 1.5) for _ in items]
+
+        def grad(ws, swap_k=None):
+            its = list(items)
+            if swap_k is not None:
+                its[swap_k] = type(items[0])(index=items[swap_k].index, seqs=garbage[0].seqs)
+            for it, w in zip(its, ws):
+                it.weight = w
+            mb = collate(its, pad_id=0, seq_len=64)
+            for p in chunks[0].parameters():
+                p.grad = None
+            hidden = adapter.forward_hidden(chunks[0], mb.input_ids, mb.position_ids).transpose(0, 1)
+            loss, _ = obj.train_loss(hidden, adapter.lm_head_weight(chunks[0]), mb)
+            loss.backward()
+            return _flat_grads(chunks)
+
+        k = rng.randrange(len(items))
+        w0 = list(weights)
+        w0[k] = 0.0
+        g_zero = grad(w0)
+        g_zero_swapped = grad(w0, swap_k=k)
+        if normalization != "token":  # "token" divides by all target tokens, which the swap changes
+            assert torch.allclose(g_zero, g_zero_swapped, rtol=1e-5, atol=1e-7), normalization
+        g1 = grad(weights)
+        w2 = list(weights)
+        w2[k] *= 2
+        g2 = grad(w2)
+        contrib1, contrib2 = g1 - g_zero, g2 - g_zero
+        assert contrib1.abs().max() > 0
+        assert torch.allclose(contrib2, 2 * contrib1, rtol=1e-4, atol=1e-6), normalization
+    assert info.tp == 1
+
+
+def test_empty_pair_file_is_a_clear_error(env, tmp_path):
+    from megatron_sz.cli import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="no pairs"):
+        run_job("solver-dpo", recipe(env, "err"), empty, None, tmp_path / "out")
+    code = main(["train", "solver-dpo", "--recipe", recipe(env, "err"), "--data", str(empty),
+                 "--out", str(tmp_path / "out2")])
+    assert code == 2
+
+
+def test_overlong_pairs_are_counted_or_refused(env, tmp_path, rng_seed, capsys):
+    from megatron_sz.train.jobs import load_items
+    from megatron_sz.recipe import load_recipe
+
+    pairs = T.arithmetic_pairs(12, seed=rng_seed)
+    n_long = 5
+    for p in pairs[:n_long]:
+        p.chosen = p.chosen + " and so on" * 20
+    data = T.write_records(tmp_path / "pairs.jsonl", pairs)
+    for policy in ("truncate", "drop"):
+        rc = load_recipe(recipe(env, f"ol-{policy}", solver={"dpo": {"max_length": 48, "overlong": policy}}))
+        items, stats, _ = load_items("solver-dpo", data, rc, rc.solver.dpo, env["tokenizer"])
+        if policy == "truncate":
+            assert stats.truncated == n_long and len(items) == 12
+            assert all(len(s) <= 48 for it in items for s in it.seqs)
+        else:
+            assert stats.dropped_overlong == n_long and len(items) == 12 - n_long
+        assert f"{n_long} of 12 pairs exceed max_length 48" in capsys.readouterr().err
+    with pytest.raises(DataError, match="no pairs left.*max_length"):
+        run_job("solver-dpo", recipe(env, "ol-all", solver={"dpo": {"max_length": 10, "overlong": "drop"}}),
+                data, None, tmp_path / "out")
+
+
+def test_checkpoint_of_another_architecture_is_refused(env, tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    other = dict(env["cfg"], hidden_size=32, head_dim=8)
+    hf = tmp_path / "other-hf"
+    Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in other.items() if k != "architectures"})).save_pretrained(hf)
+    data = T.write_records(tmp_path / "pairs.jsonl", T.arithmetic_pairs(8, seed=0))
+    with pytest.raises(CheckpointError, match="another architecture.*hidden_size 32"):
+        run_job("solver-dpo", recipe(env, "arch"), data, str(hf), tmp_path / "out")
+    # A Megatron checkpoint written for the recipe's architecture is refused by a recipe for another.
+    sft_ckpt = env["root"] / "sft-out" / "checkpoint"
+    if sft_ckpt.exists():
+        r = str(T.write_recipe(tmp_path / "other.yaml", config=dict(env["cfg"], num_hidden_layers=3),
+                               tokenizer=env["tok"]))
+        with pytest.raises(CheckpointError, match="num_layers 2 \\(recipe: 3\\)"):
+            run_job("solver-dpo", r, data, str(sft_ckpt), tmp_path / "out2")
