@@ -140,3 +140,24 @@ def test_generator_validity_counts_are_consistent(tiny_model, tmp_path):
     valid = (out / "valid.jsonl").read_text().splitlines()
     assert len(valid) == summary["valid"]
     assert summary["validity"] == pytest.approx(summary["valid"] / 5)
+
+
+def test_eval_sbatch_script_runs_shards_then_summarize(tiny_model, tmp_path, repo_root):
+    """slurm/eval-bench.sbatch as array tasks 0 and 1, then the summarize job (run with bash, as sbatch would)."""
+    import os
+    import subprocess
+
+    script = repo_root / "slurm" / "eval-bench.sbatch"
+    out = tmp_path / "ev"
+    flags = ["--model", str(tiny_model), "--out", str(out), "--benchmarks", str(FIX / "aime25.jsonl"),
+             "--k", "2", "--max-tokens", "8"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for task in ("0", "1"):
+        r = subprocess.run(["bash", str(script), "2", *flags], env={**env, "SLURM_ARRAY_TASK_ID": task},
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(["bash", str(script), "summarize", *flags], env=env, capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["benchmarks"][0]["problems"] == 3 and results["benchmarks"][0]["samples"] == 6
