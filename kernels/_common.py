@@ -150,6 +150,7 @@ def default_chunk_rows(v_local: int, device: torch.device) -> int:
 # output (torch.mm(..., out_dtype=float32), cuBLASLt), so logits are never rounded to
 # bf16 before the softmax statistics. On CPU (tests) we simply upcast the operands.
 # ---------------------------------------------------------------------------------------
+_LOW = (torch.bfloat16, torch.float16)
 _OUT_DTYPE_OK: dict[str, bool] = {}
 
 
@@ -169,9 +170,9 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b as float32 (fp32 accumulation whatever the operand dtype)."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
-    if a.is_cuda and a.dtype == b.dtype and _cuda_out_dtype_supported(a.device):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    if a.is_cuda and a.dtype == b.dtype:
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in _LOW:
+        if _cuda_out_dtype_supported(a.device):
+            return torch.mm(a, b, out_dtype=torch.float32)
         return (a @ b).float()  # old torch: GEMM accumulates in fp32, output rounded once
     return a.float() @ b.float()
 
@@ -204,7 +205,8 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif a.is_cuda and a.dtype == b.dtype and _cuda_addmm_inplace_supported(a.device):
+    elif a.is_cuda and a.dtype == b.dtype and a.dtype in _LOW and \
+            _cuda_addmm_inplace_supported(a.device):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.add_(mm_f32(a, b))

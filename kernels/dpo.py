@@ -149,7 +149,7 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         two_b, t, h = hidden.shape
         b = two_b // 2
         dev = hidden.device
-        eng = _Engine(weight, cfg, hidden.dtype)
+        eng = _Engine(weight, cfg)
         hf = hidden.reshape(two_b * t, h)
         yf = labels.reshape(two_b * t)
         lens = (labels != cfg.ignore_index).sum(dim=1).float()            # [2B]

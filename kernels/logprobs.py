@@ -109,33 +109,37 @@ if _HAVE_TRITON:
                  dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_in[None, :])
 
 
-def _blocks(n_cols: int, on_gpu: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_V, num_warps). Untuned guesses for GPUs (no GPU was available when
-    this was written); under the interpreter, big 2-D blocks mean few Python-level programs."""
-    if on_gpu:
-        return 1, 4096, 8
+def _blocks(kind: str, n_cols: int, gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, num_warps) for ``kind`` in {"stats", "dlogits"}.
+
+    GPU: the stats kernel gives each program one row and streams the whole shard in
+    4096-wide blocks (one read of the fp32 chunk); dlogits uses 4x1024 tiles on a 2-D grid.
+    These are untuned first guesses (no GPU was available when this was written).
+    Interpreter: big 2-D blocks, so that few Python-level programs run.
+    """
+    if gpu:
+        return (1, 4096, 8) if kind == "stats" else (4, 1024, 8)
     return 16, min(2048, triton.next_power_of_2(max(n_cols, 16))), 4
 
 
-def _stats_triton(logits, labels, cfg: OpConfig):
+def _stats_triton(logits, labels, cfg: OpConfig, *, gpu_blocks: bool | None = None):
     n, v = logits.shape
     m = torch.empty(n, dtype=torch.float32, device=logits.device)
     s = torch.empty_like(m)
     t = torch.empty_like(m)
-    bn, bv, warps = _blocks(v, logits.is_cuda)
+    bn, bv, warps = _blocks("stats", v, logits.is_cuda if gpu_blocks is None else gpu_blocks)
     _row_stats_kernel[(triton.cdiv(n, bn),)](
         logits, labels, m, s, t, n, v, logits.stride(0), cfg.vocab_start, cfg.vocab_size,
         cfg.ignore_index, cfg.inv_temp, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps)
     return m, s, t
 
 
-def _dlogits_triton(logits, labels, lse, coef, cfg: OpConfig, out_dtype):
+def _dlogits_triton(logits, labels, lse, coef, cfg: OpConfig, out_dtype, *,
+                    gpu_blocks: bool | None = None):
     n, v = logits.shape
     out = logits if out_dtype == torch.float32 else torch.empty(n, v, dtype=out_dtype,
                                                                  device=logits.device)
-    bn, bv, warps = _blocks(v, logits.is_cuda)
-    if logits.is_cuda:
-        bn, bv = 4, 1024
+    bn, bv, warps = _blocks("dlogits", v, logits.is_cuda if gpu_blocks is None else gpu_blocks)
     _dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
         logits, out, labels, lse, coef, n, v, logits.stride(0), out.stride(0), cfg.vocab_start,
         cfg.vocab_size, cfg.ignore_index, cfg.inv_temp, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps)
@@ -185,13 +189,14 @@ def _dlogits_torch(logits, labels, lse, coef, cfg: OpConfig, out_dtype):
 class _Engine:
     """Runs one chunk of token rows: logits GEMM, statistics (+ TP merge), dlogits, dX, dW."""
 
-    def __init__(self, weight: torch.Tensor, cfg: OpConfig, compute_dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, cfg: OpConfig):
         self.cfg = cfg
-        on_gpu = weight.is_cuda
-        # CPU: upcast the weight once (exact fp32 GEMMs for bf16 tests); GPU: keep the
-        # parameter dtype so the GEMMs use tensor cores.
-        self.w = weight if on_gpu or weight.dtype == torch.float32 else weight.float()
-        self.dz_dtype = compute_dtype if on_gpu else torch.float32
+        # GPU + bf16/fp16: keep the parameter dtype so the GEMMs run on tensor cores
+        # (fp32 accumulate, fp32 logits out). Everything else (CPU tests, fp64): upcast
+        # the weight once and run fp32 GEMMs.
+        tensor_cores = weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+        self.w = weight if tensor_cores or weight.dtype == torch.float32 else weight.float()
+        self.dz_dtype = weight.dtype if tensor_cores else torch.float32
         triton_path = cfg.backend == "triton"
         self._stats = _stats_triton if triton_path else _stats_torch
         self._dlogits = _dlogits_triton if triton_path else _dlogits_torch
@@ -243,7 +248,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, cfg: OpConfig):
-        eng = _Engine(weight, cfg, hidden.dtype)
+        eng = _Engine(weight, cfg)
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
@@ -258,7 +263,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         cfg: OpConfig = ctx.cfg
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        eng = _Engine(weight, cfg, hidden.dtype)
+        eng = _Engine(weight, cfg)
         n = hidden.shape[0]
         dx = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_dx \
             else None

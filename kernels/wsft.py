@@ -43,7 +43,7 @@ class FusedLinearWSFTFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, coef, cfg: OpConfig, want_dx: bool,
                 want_dw: bool):
         n, h = hidden.shape
-        eng = _Engine(weight, cfg, hidden.dtype)
+        eng = _Engine(weight, cfg)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dx = torch.zeros(n, h, dtype=torch.float32, device=hidden.device) if want_dx else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw \

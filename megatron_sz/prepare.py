@@ -55,7 +55,7 @@ def prepare_run(ctx) -> dict:
     seeds_path = pdir / "seeds.jsonl"
     if not seeds_path.exists():
         if r.seeds_from_teacher:
-            seeds = _symbolic(ctx).sample_problems(r.seeds_from_teacher, seed=r.seed,
+            seeds = _symbolic(ctx).sample_problems(r.seeds_from_teacher, seed=r.seed, families=r.warmup.families,
                                                     difficulty=tuple(r.warmup.difficulty), provenance="seed")
         else:
             seeds = load_seed_problems(r)
@@ -69,7 +69,7 @@ def prepare_run(ctx) -> dict:
             held = read_jsonl(r.resolve_path(r.eval.heldout_file), Problem)
         elif r.teacher.kind == "symbolic":
             held = _symbolic(ctx).sample_problems(r.eval.heldout_size, seed=r.seed + 7919,
-                                                  difficulty=tuple(r.warmup.difficulty),
+                                                  difficulty=tuple(r.warmup.difficulty), families=r.warmup.families,
                                                   exclude_ids={p.id for p in seeds})
         else:
             held = []
@@ -87,7 +87,7 @@ def prepare_run(ctx) -> dict:
             warm = read_jsonl(r.resolve_path(w.data_file), Problem)
         elif w.symbolic_problems:
             warm = _symbolic(ctx).sample_problems(
-                w.symbolic_problems, seed=r.seed + 104729, difficulty=tuple(w.difficulty),
+                w.symbolic_problems, seed=r.seed + 104729, difficulty=tuple(w.difficulty), families=w.families,
                 exclude_ids={p.id for p in seeds} | {p.id for p in held})
         else:
             warm = list(seeds)

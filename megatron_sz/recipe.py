@@ -450,6 +450,7 @@ class WarmupSpec:
     data_file: str | None = None
     symbolic_problems: int = 0
     difficulty: list[int] = field(default_factory=lambda: [1, 2])
+    families: list[str] | None = None  # symbolic families for seeds/warm-up/held-out (default: all)
 
     def check(self) -> None:
         if self.symbolic_problems < 0:

@@ -101,10 +101,12 @@ def make_handler(cfg: Config):
                 k = cfg.counts["received"]
                 roll = cfg.rng.random()
                 slow = cfg.rng.random() < cfg.slow_rate
-                if cfg.seen[prompt] <= cfg.fail_first or roll < cfg.error_rate \
+                if cfg.drop_every and k % cfg.drop_every == 0:
+                    action = "drop"
+                elif cfg.seen[prompt] <= cfg.fail_first or roll < cfg.error_rate \
                         or (cfg.error_every and k % cfg.error_every == 0):
                     action = "500"
-                elif roll < cfg.error_rate + cfg.drop_rate or (cfg.drop_every and k % cfg.drop_every == 0):
+                elif roll < cfg.error_rate + cfg.drop_rate:
                     action = "drop"
                 else:
                     action = "ok"

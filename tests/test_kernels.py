@@ -323,3 +323,35 @@ def test_gpu_bf16_triton_matches_reference(rng_seed):
     loss_ref.backward()
     assert_close_verbose(loss, loss_ref, rtol=2e-2, name="gpu loss")
     _check_grads(h, w, hr, wr, 3e-2, "gpu")
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_with_gpu_block_config_match_torch_twins(rng_seed, out_dtype):
+    """The GPU launch configuration (1-row stats programs, 4x1024 dlogits tiles, bf16
+    dlogits output) runs here under the interpreter against the torch twins, so the GPU
+    path is checked for everything but speed."""
+    if torch.cuda.is_available():
+        pytest.skip("covered by the CUDA runs of the tests above")
+    from megatron_sz.kernels import logprobs as lp
+    from megatron_sz.kernels._common import OpConfig
+
+    g = _gen(rng_seed)
+    n, v = 9, 1100
+    logits = torch.randn(n, v, generator=g) * 5
+    labels = torch.randint(0, 2000, (n,), generator=g)      # some owned by "other ranks"
+    labels[2] = -100
+    cfg = OpConfig(backend="triton", vocab_start=1000, vocab_local=v, vocab_size=2050,
+                   ignore_index=-100, inv_temp=1 / 0.8, tp_group=None, chunk_rows=n)
+    got = lp._stats_triton(logits, labels, cfg, gpu_blocks=True)
+    want = lp._stats_torch(logits, labels, cfg)
+    for name, a, e in zip("mst", got, want):
+        assert_close_verbose(a, e, rtol=1e-6, name=f"stats {name}")
+    lse = want[0] + torch.log(want[1])
+    coef = torch.randn(n, generator=g)
+    d_got = lp._dlogits_triton(logits.clone(), labels, lse, coef, cfg, out_dtype,
+                               gpu_blocks=True)
+    d_want = lp._dlogits_torch(logits.clone(), labels, lse, coef, cfg, torch.float32)
+    assert d_got.dtype == out_dtype
+    assert_close_verbose(d_got.float(), d_want, rtol=1e-6 if out_dtype == torch.float32 else 1e-2,
+                         name="dlogits")
+    assert (d_got[:, 2050 - 1000:] == 0).all(), "padding columns must get zero dlogits"

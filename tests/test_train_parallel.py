@@ -44,7 +44,8 @@ def setup(tmp_path_factory):
     cfg = T.tiny_config(tok.vocab_size)  # 2 layers, 4 heads / 2 KV groups, tied embeddings
     data = T.write_records(root / "pairs.jsonl", T.arithmetic_pairs(48, seed=7))
     recipes = {}
-    for name, par in (("tp1", {"tp": 1, "pp": 1}), ("tp2", {"tp": 2, "pp": 1}), ("pp2", {"tp": 1, "pp": 2})):
+    for name, par in (("tp1", {"tp": 1, "pp": 1}), ("tp2", {"tp": 2, "pp": 1, "gpus_per_node": 2}),
+                      ("pp2", {"tp": 1, "pp": 2, "gpus_per_node": 2})):
         recipes[name] = str(T.write_recipe(root / f"{name}.yaml", config=cfg, tokenizer=str(root / "tok"), sections={
             "solver": {"parallel": par, "dpo": {"max_steps": STEPS, "eval_fraction": 0.2, "micro_batch_size": 2,
                                                 "global_batch_size": 4,

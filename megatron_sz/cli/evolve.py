@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.set_defaults(func=_main)
 
 
-def open_run(recipe_path: str, run_dir: str | None):
+def open_run(recipe_path: str, run_dir: str | None, *, dry_run: bool = False):
     """Load + validate the recipe (preflight), then create or reopen the run directory."""
     from pathlib import Path
 
@@ -32,7 +32,8 @@ def open_run(recipe_path: str, run_dir: str | None):
     from megatron_sz.rundir import RunDir
 
     recipe = load_recipe(recipe_path)
-    preflight(recipe)
+    for w in preflight(recipe, missing_paths_ok=dry_run):
+        print(f"warning: {w} (a real submit will refuse this)")
     root = run_dir or recipe.run_dir or str(Path("runs") / recipe.name)
     text = Path(resolve_resource(recipe_path, "recipes")).read_text(encoding="utf-8")
     rd = RunDir.create_or_open(root, recipe_text=text, recipe_source=recipe.source,

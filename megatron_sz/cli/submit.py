@@ -29,7 +29,7 @@ def _main(args) -> int:
     from megatron_sz.errors import UserError
     from megatron_sz.executor import slurm as S
 
-    rd, recipe = open_run(args.recipe, args.run_dir)
+    rd, recipe = open_run(args.recipe, args.run_dir, dry_run=args.dry_run)
     if args.chain:
         recipe.slurm.chain = args.chain
     rounds = recipe.rounds if args.rounds is None else args.rounds

@@ -14,11 +14,17 @@ from pathlib import Path
 from megatron_sz.errors import DataError, LayoutError, RecipeError, UserError
 
 
+_LENIENT: list[str] | None = None  # --dry-run: missing paths become warnings collected here
+
+
 def _exists(recipe, value: str | None, field: str, *, kind: str = "path") -> Path | None:
     if value is None:
         return None
     p = recipe.resolve_path(value)
     if not p.exists():
+        if _LENIENT is not None:
+            _LENIENT.append(f"{field}: {kind} not found: {value}")
+            return None
         raise RecipeError(f"{field}: {kind} not found: {value}", where=recipe.source or "recipe",
                           fix=f"correct '{field}' (relative paths resolve against the recipe's folder)")
     return p
@@ -26,12 +32,16 @@ def _exists(recipe, value: str | None, field: str, *, kind: str = "path") -> Pat
 
 def _model_config(recipe, role: str) -> dict | None:
     spec = getattr(recipe, role).model
-    if spec.config is not None:
+    for path, field in ((spec.hf_path, "hf_path"), (spec.mcore_checkpoint, "mcore_checkpoint")):
+        _exists(recipe, path, f"{role}.model.{field}", kind="model folder")
+    if isinstance(spec.config, dict):
         return dict(spec.config)
     for path, field in ((spec.hf_path, "hf_path"), (spec.mcore_checkpoint, "mcore_checkpoint")):
         if path is None:
             continue
         p = _exists(recipe, path, f"{role}.model.{field}", kind="model folder")
+        if p is None:
+            continue
         for name in ("config.json", "hf_config.json"):
             if (p / name).is_file():
                 return json.loads((p / name).read_text())
@@ -76,6 +86,8 @@ def check_seeds(recipe) -> None:
                               fix="use seeds_file for an LLM teacher")
         return
     path = _exists(recipe, recipe.seeds_file, "seeds_file", kind="seed file")
+    if path is None:
+        return
     from megatron_sz.seeds import validate_seed_file
 
     rep = validate_seed_file(path, expected_counts=None, levels=None, run_code=False)
@@ -86,7 +98,20 @@ def check_seeds(recipe) -> None:
                         fix=f"run `megatron-sz seeds validate {path}` and fix every line it lists")
 
 
-def preflight(recipe) -> None:
+def preflight(recipe, *, missing_paths_ok: bool = False) -> list[str]:
+    """Raise on the first invalid input. With ``missing_paths_ok`` (dry runs), missing
+    model/data paths are returned as warnings instead, so a plan can be inspected before
+    the checkpoints are on disk."""
+    global _LENIENT
+    _LENIENT = [] if missing_paths_ok else None
+    try:
+        _preflight(recipe)
+        return list(_LENIENT or [])
+    finally:
+        _LENIENT = None
+
+
+def _preflight(recipe) -> None:
     for role in ("solver", "generator"):
         if role == "generator" and not recipe.generator.enabled:
             continue
@@ -99,10 +124,18 @@ def preflight(recipe) -> None:
             raise RecipeError("tokenizer.kind sentencepiece needs 'path' or 'train: true'", where="tokenizer",
                               fix="set tokenizer.path to a .model file, or train: true")
         _exists(recipe, tok.path, "tokenizer.path", kind="tokenizer")
-    if recipe.solver.model.config is not None and not (tok.train or tok.path or recipe.solver.model.tokenizer):
+    sm = recipe.solver.model
+    if sm.hf_path is None and sm.mcore_checkpoint is None and not (tok.train or tok.path or sm.tokenizer):
         raise RecipeError("solver.model.config (a random tiny model) needs a tokenizer", where="tokenizer",
                           fix="set tokenizer: {kind: sentencepiece, train: true}")
     check_seeds(recipe)
+    if recipe.warmup.families:
+        from megatron_sz.teacher.symbolic import FAMILIES
+
+        bad = [f for f in recipe.warmup.families if f not in FAMILIES]
+        if bad:
+            raise RecipeError(f"warmup.families: unknown symbolic families {bad}", where="warmup.families",
+                              fix=f"choose from {', '.join(FAMILIES)}")
     _exists(recipe, recipe.eval.heldout_file, "eval.heldout_file", kind="held-out file")
     _exists(recipe, recipe.warmup.data_file, "warmup.data_file", kind="warm-up data file")
     for i, f in enumerate(recipe.curriculum.contamination_files):

@@ -11,7 +11,8 @@ Megatron assumes CUDA in a few places that matter for us:
 * ``torch.cuda.synchronize()`` in ``pipeline_parallel.p2p_communication``. A no-op
   without CUDA (there is nothing to wait for).
 * The pipeline schedules build ``total_num_tokens`` with a hard-coded
-  ``device="cuda"`` (three places in ``schedules.py``). We give that module a view of
+  ``device="cuda"`` (three places in ``schedules.py``), and so do the optimizer, grad
+  clipping and grad scaler. Those modules (``_CUDA_FACTORY_MODULES``) get a view of
   ``torch`` whose tensor factories map ``"cuda"`` to ``"cpu"``; every other module keeps
   the real ``torch``.
 * The local ``DotProductAttention`` allocates from a CUDA buffer and uses fused softmax
@@ -34,6 +35,14 @@ import torch
 
 _APPLIED = False
 _CUDA_LIKE = ("cuda",)
+# Modules that build tensors with a literal device="cuda" (Megatron-Core 0.16).
+_CUDA_FACTORY_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",     # total_num_tokens
+    "megatron.core.optimizer.optimizer",             # found_inf, overflow buffers
+    "megatron.core.optimizer.clip_grads",            # grad-norm reductions
+    "megatron.core.optimizer.grad_scaler",           # loss-scale tensors
+    "megatron.core.optimizer.distrib_optimizer",
+)
 
 
 def _is_cuda_device(device) -> bool:
@@ -125,9 +134,11 @@ def ensure_cpu_shim() -> bool:
     # the tied embedding copy on the last pipeline stage. Keep the tensor where it is.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
 
-    from megatron.core.pipeline_parallel import schedules
+    import importlib
 
-    schedules.torch = _CpuTorchView()
+    view = _CpuTorchView()
+    for name in _CUDA_FACTORY_MODULES:
+        importlib.import_module(name).torch = view
 
     from megatron.core.tensor_parallel import random as mrandom
 

@@ -111,13 +111,24 @@ class CpuOptimizer(TrainOptimizer):
         self.clip_grad = float(optim.clip_grad)
         decay, no_decay, seen = [], [], set()
         self.params: list[torch.nn.Parameter] = []
+        # Replicated across TP but fed by rank-local activations, so their grads must be
+        # summed over TP (Megatron's finalize_model_grads does the same): QK-norm weights
+        # (applied per local head) and sequence-parallel norms; averaged when flagged.
+        self.tp_sum: list[torch.nn.Parameter] = []
+        self.tp_avg: list[torch.nn.Parameter] = []
         for chunk in chunks:
+            cfg = model_config(chunk)
             for name, p in chunk.named_parameters():
                 if not p.requires_grad or id(p) in seen:
                     continue
                 seen.add(id(p))
                 self.params.append(p)
                 (no_decay if _no_weight_decay(name, p) else decay).append(p)
+                if getattr(p, "average_gradients_across_tp_domain", False):
+                    self.tp_avg.append(p)
+                elif (cfg.sequence_parallel and getattr(p, "sequence_parallel", False)) or (
+                        cfg.qk_layernorm and ("q_layernorm" in name or "k_layernorm" in name)):
+                    self.tp_sum.append(p)
         groups = [g for g in ({"params": decay, "weight_decay": optim.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         # foreach=False: one deterministic per-parameter update, identical across runs.
@@ -167,11 +178,14 @@ class CpuOptimizer(TrainOptimizer):
                 if w is not None and w.grad is not None:
                     tdist.all_reduce(w.grad, group=ps.get_embedding_group())
         if ps.get_tensor_model_parallel_world_size() > 1:
-            sp = [p.grad for p in self.params if getattr(p, "sequence_parallel", False)]
-            if sp:
-                flat = _flatten_dense_tensors(sp)
+            for params, scale in ((self.tp_sum, 1.0), (self.tp_avg, 1.0 / ps.get_tensor_model_parallel_world_size())):
+                gs = [p.grad for p in params]
+                if not gs:
+                    continue
+                flat = _flatten_dense_tensors(gs)
                 tdist.all_reduce(flat, group=self.tp_group)
-                for g, new in zip(sp, _unflatten_dense_tensors(flat, sp)):
+                flat.mul_(scale)
+                for g, new in zip(gs, _unflatten_dense_tensors(flat, gs)):
                     g.copy_(new)
 
     def clip_and_norm(self) -> torch.Tensor:

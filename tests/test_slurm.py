@@ -1,0 +1,122 @@
+"""`megatron-sz submit` against a REAL single-node SLURM cluster (slurm-wlm + munge, as root).
+
+The session fixture starts the cluster with slurm/local-cluster.sh (partitions solver,
+teacher, generator; state under a temp folder) and stops it afterwards. One round of
+the micro recipe runs through job arrays and dependencies; a running stage is
+scancel'ed mid-round, the run is re-submitted, and the finished run directory must hold
+every record exactly once. A final re-submit must find nothing to do.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_round import check_round_outputs, micro_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slurm
+
+_missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(b) is None]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    if _missing:
+        pytest.skip(f"SLURM not installed ({', '.join(_missing)} missing): apt-get install slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster must be started as root")
+    state = tmp_path_factory.mktemp("slurm-state")
+    env = dict(os.environ, MSZ_SLURMCTLD_PORT="16817", MSZ_SLURMD_PORT="16818")
+    res = subprocess.run(["bash", str(ROOT / "slurm" / "local-cluster.sh"), "start", str(state)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        pytest.fail(f"local-cluster.sh start failed: {res.stderr}")
+    conf = res.stdout.strip().split("=", 1)[1]
+    yield {**env, "SLURM_CONF": conf}
+    subprocess.run(["bash", str(ROOT / "slurm" / "local-cluster.sh"), "stop", str(state)], env=env,
+                   capture_output=True, text=True, timeout=120)
+
+
+def _cli(env, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "megatron_sz", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def _jobs(run: Path) -> list[dict]:
+    p = run / "slurm" / "jobs.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def _queue(env, run: Path) -> list[tuple[str, str]]:
+    ids = {j["job_id"] for j in _jobs(run)}
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%F"], capture_output=True, text=True, env=env).stdout
+    rows = []
+    for line in out.splitlines():
+        tid, state, arr = line.split("|")
+        if tid.split("_")[0] in ids or arr in ids:
+            rows.append((tid, state))
+    return rows
+
+
+def _wait_empty(env, run: Path, timeout: float) -> None:
+    t0 = time.time()
+    while _queue(env, run):
+        assert time.time() - t0 < timeout, f"jobs still queued after {timeout} s: {_queue(env, run)}"
+        time.sleep(2)
+
+
+def _logs(run: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text()[-1500:]}" for p in sorted((run / "slurm" / "logs").glob("*.out")))
+
+
+def test_submit_round_scancel_resubmit(slurm_cluster, tmp_path):
+    env = slurm_cluster
+    recipe = micro_recipe(tmp_path, slurm={
+        "solver": {"partition": "solver", "time": "00:20:00", "array_throttle": 2},
+        "teacher": {"partition": "teacher", "time": "00:20:00", "array_throttle": 2},
+        "generator": {"partition": "generator", "time": "00:20:00"},
+        "signal_seconds": 30, "python": sys.executable})
+    run = tmp_path / "run"
+    res = _cli(env, "submit", str(recipe), "--run-dir", str(run))
+    assert res.returncode == 0, res.stderr
+    assert "aftercorr:" in res.stdout
+    first = _jobs(run)
+    assert [j["stage"] for j in first][:3] == ["prepare", "sft", "eval_sft"]
+    assert {j["partition"] for j in first} == {"solver", "teacher", "generator"}
+    # Cancel a stage while it runs: the DPO job (or, if it is missed, the verify array).
+    victim = None
+    t0 = time.time()
+    while victim is None and time.time() - t0 < 400:
+        for tid, state in _queue(env, run):
+            stage = next(j["stage"] for j in first if j["job_id"] == tid.split("_")[0])
+            if state == "RUNNING" and stage in ("rollout", "dpo", "verify", "refine"):
+                victim = (tid, stage)
+                break
+        time.sleep(0.5)
+    assert victim, "no stage seen running\n" + _logs(run)
+    subprocess.run(["scancel", victim[0].split("_")[0]], env=env, check=True)
+    # dependents of the cancelled job are removed (--kill-on-invalid-dep=yes)
+    _wait_empty(env, run, 120)
+    st = _cli(env, "status", str(run))
+    assert st.returncode == 0 and "todo" in st.stdout
+    res = _cli(env, "submit", str(recipe), "--run-dir", str(run))
+    assert res.returncode == 0, res.stderr
+    second = _jobs(run)[len(first):]
+    assert second and "prepare" not in {j["stage"] for j in second}, "re-submit redid finished stages"
+    _wait_empty(env, run, 600)
+    try:
+        check_round_outputs(run)
+    except AssertionError:
+        print(_logs(run))
+        raise
+    # nothing left: a third submit submits nothing
+    res = _cli(env, "submit", str(recipe), "--run-dir", str(run))
+    assert res.returncode == 0 and "nothing to submit" in res.stdout
+    status = json.loads(_cli(env, "status", str(run), "--json").stdout)
+    assert all(s["done"] for s in status["rounds"][0]["stages"])
