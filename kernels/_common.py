@@ -158,8 +158,9 @@ def _cuda_out_dtype_supported(device: torch.device) -> bool:
     key = str(device)
     if key not in _OUT_DTYPE_OK:
         try:
-            a = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
-            ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            a = torch.ones(32, 16, dtype=torch.bfloat16, device=device)
+            c = torch.mm(a, a.t(), out_dtype=torch.float32)   # transposed operand, as used
+            ok = c.dtype == torch.float32 and bool((c == 16).all())
         except (TypeError, RuntimeError):
             ok = False
         _OUT_DTYPE_OK[key] = ok

@@ -28,10 +28,11 @@ def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, *, rtol: flo
     if not bool(bad.any()):
         return None
     idx = bad.nonzero()[:max_show]
+    e_max = float(e[finite].abs().max()) if bool(finite.any()) else float("nan")
     lines = [f"{name}: {int(bad.sum())} of {a.numel()} elements mismatch "
              f"(rtol={rtol:g}, atol={atol:g}); NaN disagreements: {int(nan_dis.sum())}, "
              f"inf disagreements: {int(inf_dis.sum())}; max |diff| over finite: "
-             f"{float(diff.max()):.3e}, max |expected|: {float(e[finite].abs().max()) if bool(finite.any()) else float('nan'):.3e}"]
+             f"{float(diff.max()):.3e}, max |expected|: {e_max:.3e}"]
     for i in idx.tolist():
         ti = tuple(i)
         lines.append(f"  at {ti}: actual {float(a[ti]):.9g}  expected {float(e[ti]):.9g}  "

@@ -177,3 +177,33 @@ def test_wsft_examples(rng_seed):
         c, k = rates[e.problem_id]
         assert math.isclose(e.weight, gaussian_weight(c / k))
         assert "old problem" in e.prompt and "wrong attempt" in e.prompt and e.target.startswith("new")
+
+
+def test_seed_select_band_quotas_diversity(rng_seed):
+    from megatron_sz.seed_select import select_seeds, subject_quotas
+
+    rng = random.Random(rng_seed)
+    subjects = ["Algebra", "Geometry", "Prealgebra"]
+    pool, rates = [], {}
+    for i in range(90):
+        base = _text(rng, 14)
+        p = Problem(id=f"c{i}", problem=base, answer="1", subject=subjects[i % 3])
+        pool.append(p)
+        rates[p.id] = rng.choice([0.0, 0.125, 0.25, 0.5, 0.625, 0.75, 1.0])
+        dup = Problem(id=f"d{i}", problem=base + " again", answer="1", subject=p.subject)  # near-duplicate
+        pool.append(dup)
+        rates[dup.id] = rates[p.id]
+    n = 12
+    seeds, rep = select_seeds(pool, rates, n=n, low=0.1, high=0.7)
+    in_band = [p for p in pool if 0.1 <= rates[p.id] <= 0.7]
+    assert rep.in_band == len(in_band)
+    assert all(0.1 <= rates[p.id] <= 0.7 for p in seeds)
+    assert len(seeds) == min(n, len(in_band)) and len({p.id for p in seeds}) == len(seeds)
+    counts = {s: sum(p.subject == s for p in seeds) for s in subjects}
+    assert max(counts.values()) - min(counts.values()) <= 1  # balanced
+    # diversity: never a problem together with its near-duplicate
+    ids = {p.id for p in seeds}
+    assert not any(f"c{i}" in ids and f"d{i}" in ids for i in range(90))
+    assert subject_quotas(100, ["A", "B"], {"A": 15, "B": 10}) == {"A": 60, "B": 40}
+    # deterministic
+    assert [p.id for p in select_seeds(pool, rates, n=n)[0]] == [p.id for p in seeds]

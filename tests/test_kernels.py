@@ -355,3 +355,39 @@ def test_triton_kernels_with_gpu_block_config_match_torch_twins(rng_seed, out_dt
     assert_close_verbose(d_got.float(), d_want, rtol=1e-6 if out_dtype == torch.float32 else 1e-2,
                          name="dlogits")
     assert (d_got[:, 2050 - 1000:] == 0).all(), "padding columns must get zero dlogits"
+
+
+def test_no_full_logits_are_kept_or_built(rng_seed, monkeypatch):
+    """Memory contract: nothing of size N x V is saved for backward, and every logits
+    GEMM covers at most ``chunk_size`` token rows (DPO: whole pairs, 2*T rows)."""
+    from megatron_sz.kernels import logprobs as lp
+
+    rows_seen = []
+    real_mm = lp.mm_f32
+
+    def spy(a, b):
+        out = real_mm(a, b)
+        if out.shape[1] == v:
+            rows_seen.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(lp, "mm_f32", spy)
+    b, t, h, v = 4, 6, 16, 700
+    hid, w, y, rc, rr = _dpo_inputs(rng_seed, b=b, t=t, v=v)
+    hid = hid.detach()[:, :, :h].clone().requires_grad_()
+    w = w.detach()[:, :h].clone().requires_grad_()
+    saved = []
+
+    def pack(x):
+        saved.append(x.numel())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss, _ = fused_linear_dpo_loss(hid, w, y, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                                        chunk_size=2 * t, backend="torch")
+        out = linear_logprobs(hid, w, y, chunk_size=5, backend="torch")
+        wl = fused_linear_wsft_loss(hid, w, y, torch.ones(2 * b), chunk_size=7, backend="torch")
+    (loss + out.sum() + wl).backward()
+    n_tokens = 2 * b * t
+    assert max(saved) <= max(hid.numel(), w.numel()) < n_tokens * v
+    assert rows_seen and max(rows_seen) <= 2 * t, rows_seen

@@ -21,13 +21,13 @@ from megatron_sz.train import testing as T  # noqa: E402
 STEPS = 5
 
 
-def _worker(rank: int, world: int, recipe: str, data: str, out: str) -> dict:
+def _worker(rank: int, world: int, recipe: str, data: str, init: str, out: str) -> dict:
     import torch as _torch
 
     from megatron_sz.train.jobs import run_job
 
     _torch.set_num_threads(1)
-    res = run_job("solver-dpo", recipe, data, None, out)
+    res = run_job("solver-dpo", recipe, data, init, out)
     return {"exit_code": res.exit_code, "step": res.step}
 
 
@@ -43,6 +43,8 @@ def setup(tmp_path_factory):
     tok = T.make_tokenizer(root / "tok")
     cfg = T.tiny_config(tok.vocab_size)  # 2 layers, 4 heads / 2 KV groups, tied embeddings
     data = T.write_records(root / "pairs.jsonl", T.arithmetic_pairs(48, seed=7))
+    # All layouts start from the same HF weights (Megatron's random init depends on the layout).
+    init = str(T.save_hf_model(root / "init-hf", cfg, seed=3))
     recipes = {}
     for name, par in (("tp1", {"tp": 1, "pp": 1}), ("tp2", {"tp": 2, "pp": 1, "gpus_per_node": 2}),
                       ("pp2", {"tp": 1, "pp": 2, "gpus_per_node": 2})):
@@ -52,9 +54,9 @@ def setup(tmp_path_factory):
                                                 "optim": {"lr": 3e-3, "warmup_steps": 1, "decay": "cosine"}}}}))
     from megatron_sz.train.jobs import run_job
 
-    base = run_job("solver-dpo", recipes["tp1"], data, None, root / "tp1")
+    base = run_job("solver-dpo", recipes["tp1"], data, init, root / "tp1")
     assert base.exit_code == 0
-    yield {"root": root, "data": str(data), "recipes": recipes}
+    yield {"root": root, "data": str(data), "recipes": recipes, "init": init}
     torch.set_num_threads(threads)
 
 
@@ -65,7 +67,8 @@ def test_parallel_layout_matches_single_process(setup, layout, monkeypatch):
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = setup["root"] / layout
-    res = dist.spawn(_worker, 2, setup["recipes"][layout], setup["data"], str(out), backend="gloo")
+    res = dist.spawn(_worker, 2, setup["recipes"][layout], setup["data"], setup["init"], str(out),
+                     backend="gloo")
     assert [r["exit_code"] for r in res] == [0, 0] and res[0]["step"] == STEPS
     base, par = _metrics(setup["root"] / "tp1"), _metrics(out)
     bt = [r for r in base if r["type"] == "train"]

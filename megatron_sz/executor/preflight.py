@@ -148,6 +148,8 @@ def _preflight(recipe) -> None:
         if b.kind in ("vllm", "local") and not b.model:
             raise RecipeError("teacher.backend.model is not set", where="teacher.backend",
                               fix="set it to the teacher checkpoint (vllm/local) or served model name")
+        if b.kind in ("vllm", "local"):
+            _exists(recipe, b.model, "teacher.backend.model", kind="teacher checkpoint")
     if recipe.rounds < 1:
         raise RecipeError("rounds must be >= 1 to run anything", where="rounds", fix="set rounds: 3")
     from megatron_sz.rollout import resolve_template

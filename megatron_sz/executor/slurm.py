@@ -278,7 +278,8 @@ def render_job(rd: RunDir, recipe, job: PlannedJob) -> str:
     srun = [f"--nodes={nodes}", f"--ntasks-per-node={ntasks_per_node}", "--kill-on-bad-exit=1"]
     container = ""
     if rs.container:
-        container = f"--container-image={shlex.quote(rs.container)} --container-mounts={shlex.quote(str(rd.root))}:{shlex.quote(str(rd.root))}"
+        mounts = ",".join(f"{d}:{d}" for d in dict.fromkeys([str(rd.root), os.getcwd()]))
+        container = f"--container-image={shlex.quote(rs.container)} --container-mounts={shlex.quote(mounts)}"
     label = f"round {job.round} stage {s.name} ({s.role})" + (f", shards {job.shards}" if job.shards is not None else "")
     values = {
         "description": label,

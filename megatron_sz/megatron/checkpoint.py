@@ -31,6 +31,8 @@ LATEST = "latest"
 MARKER = "COMPLETE"
 META = "megatron_sz.json"
 TMP_PREFIX = ".tmp_"
+# The DistributedOptimizer's canonical (per-parameter) layout: reshardable over TP/PP/DP.
+_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def iter_name(step: int) -> str:
@@ -127,7 +129,8 @@ def save_checkpoint(ckpt_root: str | Path, model_chunks, optimizer=None, *, step
         if not hasattr(optimizer, "sharded_state_dict"):
             raise TypeError("save_checkpoint needs a Megatron optimizer (get_megatron_optimizer), "
                             f"got {type(optimizer).__name__}")
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"] if "model" in state else state)
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"] if "model" in state else state,
+                                                          metadata=dict(_OPT_METADATA))
     if opt_param_scheduler is not None:
         state["opt_param_scheduler"] = opt_param_scheduler.state_dict()
     _write_sharded(state, tmp)
@@ -246,7 +249,7 @@ def load_checkpoint(ckpt_root: str | Path, model_chunks, optimizer=None, *, opt_
             raise CheckpointError("the checkpoint has no optimizer state", where=str(ckpt),
                                   fix="load without an optimizer (e.g. init from a converted checkpoint)")
         state["optimizer"] = optimizer.sharded_state_dict(state["model"] if "model" in state else state,
-                                                          is_loading=True)
+                                                          is_loading=True, metadata=dict(_OPT_METADATA))
     loaded = dist_checkpointing.load(state, str(ckpt))
     if len(chunks) == 1:
         unwrap(chunks[0]).load_state_dict(loaded["model"], strict=strict)

@@ -15,6 +15,9 @@ Megatron assumes CUDA in a few places that matter for us:
   clipping and grad scaler. Those modules (``_CUDA_FACTORY_MODULES``) get a view of
   ``torch`` whose tensor factories map ``"cuda"`` to ``"cpu"``; every other module keeps
   the real ``torch``.
+* The optimizer compares ``tensor.type()`` with ``"torch.cuda.FloatTensor"``; inside
+  those few functions (grad clipping, the fp16/bf16 and distributed optimizers'
+  constructors) a CPU tensor reports the CUDA type name of its dtype.
 * The local ``DotProductAttention`` allocates from a CUDA buffer and uses fused softmax
   kernels, so CPU models use :class:`SDPACoreAttention` instead (a drop-in core
   attention on ``torch.nn.functional.scaled_dot_product_attention``).
@@ -42,6 +45,11 @@ _CUDA_FACTORY_MODULES = (
     "megatron.core.optimizer.clip_grads",            # grad-norm reductions
     "megatron.core.optimizer.grad_scaler",           # loss-scale tensors
     "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.utils",                           # local multi-tensor l2 norm
+    "megatron.core.transformer.utils",               # causal/padding attention masks
+    "megatron.core.tensor_parallel.data",            # broadcast_data
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
 
 
@@ -62,7 +70,7 @@ class _CpuTorchView(types.ModuleType):
     ``device="cuda"`` argument to ``"cpu"``.
     """
 
-    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "empty_like", "zeros_like", "ones_like")
 
     def __init__(self):
         super().__init__("torch")
@@ -73,6 +81,7 @@ class _CpuTorchView(types.ModuleType):
             def factory(*args, _real=real, **kwargs):
                 if _is_cuda_device(kwargs.get("device")):
                     kwargs["device"] = "cpu"
+                    kwargs.pop("pin_memory", None)
                 return _real(*args, **kwargs)
             return factory
         return real
@@ -120,6 +129,29 @@ class _CpuRngTracker:
             torch.set_rng_state(orig)
 
 
+_REAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cpu_type_as_cuda(self, dtype=None, non_blocking=False, **kwargs):
+    out = _REAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs) if dtype is not None else _REAL_TENSOR_TYPE(self)
+    if dtype is None and isinstance(out, str) and out.startswith("torch.") and not out.startswith("torch.cuda."):
+        return "torch.cuda." + out[len("torch."):]
+    return out
+
+
+def _with_cuda_type_names(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        torch.Tensor.type = _cpu_type_as_cuda  # type: ignore[assignment]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = _REAL_TENSOR_TYPE  # type: ignore[assignment]
+    return wrapper
+
+
 def ensure_cpu_shim() -> bool:
     """Apply the CPU patches when CUDA is absent. Returns True if the shim is active."""
     global _APPLIED
@@ -156,6 +188,17 @@ def ensure_cpu_shim() -> bool:
 
     mrandom.initialize_rng_tracker = initialize_rng_tracker
     initialize_rng_tracker()
+
+    # The optimizer checks ``tensor.type() == "torch.cuda.FloatTensor"``; inside those
+    # functions only, a CPU tensor reports the CUDA type name of its dtype.
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import optimizer as mopt
+
+    wrapped = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = wrapped
+    mopt.clip_grad_by_total_norm_fp32 = wrapped
+    for cls in (distrib_optimizer.DistributedOptimizer, mopt.Float16OptimizerWithFloat16Params):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
     _APPLIED = True
     return True
 

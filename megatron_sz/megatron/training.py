@@ -279,12 +279,40 @@ class MegatronOptimizer(TrainOptimizer):
         return self.opt
 
 
+def ensure_tp_attributes(chunks: list) -> int:
+    """Mark tensor-parallel shards that lack ``tensor_model_parallel`` (returns how many).
+
+    Megatron sets the attribute only inside its weight *initialisation*; a model built
+    with ``perform_initialization=False`` (weights loaded from HF next) has none, and every
+    TP-aware reduction (grad norm, duplicate detection) would then count a shard as a
+    replicated tensor. Column-parallel weights/biases and vocab-parallel embeddings are
+    split on dim 0, row-parallel weights on dim 1 (their bias is replicated).
+    """
+    from megatron.core import tensor_parallel as tpl
+
+    n = 0
+    for chunk in chunks:
+        for mod in chunk.modules():
+            if isinstance(mod, (tpl.ColumnParallelLinear, tpl.VocabParallelEmbedding)):
+                targets = [(getattr(mod, "weight", None), 0), (getattr(mod, "bias", None), 0)]
+            elif isinstance(mod, tpl.RowParallelLinear):
+                targets = [(getattr(mod, "weight", None), 1)]
+            else:
+                continue
+            for p, dim in targets:
+                if isinstance(p, torch.nn.Parameter) and not hasattr(p, "tensor_model_parallel"):
+                    tpl.set_tensor_model_parallel_attributes(p, is_parallel=True, dim=dim, stride=1)
+                    n += 1
+    return n
+
+
 def make_optimizer(chunks: list, *, optim: Any, params_dtype: torch.dtype,
                    use_distributed_optimizer: bool = True) -> TrainOptimizer:
     """The optimizer for this host: Megatron's (DDP-wrapping ``chunks``) on GPU, AdamW on CPU.
 
     Use ``returned.chunks`` as the model from here on (they may be DDP-wrapped).
     """
+    ensure_tp_attributes(chunks)
     if torch.cuda.is_available():
         return MegatronOptimizer(chunks, optim=optim, params_dtype=params_dtype,
                                  use_distributed_optimizer=use_distributed_optimizer)

@@ -128,6 +128,20 @@ def _merge(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
+def save_hf_model(out_dir: str | Path, config: dict, *, seed: int = 0, tokenizer: Any = None) -> Path:
+    """A randomly initialised HF Qwen3 checkpoint (transformers), e.g. a common starting
+    point for runs at different TP/PP layouts (Megatron's random init depends on the layout)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in config.items() if k != "architectures"}))
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
+    return Path(out_dir)
+
+
 def write_records(path: str | Path, records: list) -> Path:
     write_jsonl(path, records)
     return Path(path)
