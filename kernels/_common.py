@@ -6,6 +6,7 @@ devices only (a ``.item()`` in a training forward stalls the GPU pipeline).
 """
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -106,8 +107,9 @@ def make_config(*, hidden: torch.Tensor, weight: torch.Tensor, backend: str, ign
 
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = int(ignore_index)        # numpy / 0-dim-free ints are fine
     rank, world = _tp.group_rank_world(tp_group)
     v_local = int(weight.shape[0])
     v_total = v_local * world

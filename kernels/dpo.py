@@ -110,6 +110,19 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
              simpo_gamma: float = 0.5):
     """DPO-family loss on summed sequence log-probs [B] -> (mean loss, metrics).
 
+    With Δ = (π_c - ref_c) - (π_r - ref_r) (refs = 0 when ``reference_free``), β = beta,
+    ε = label_smoothing, per pair (then averaged over pairs), as in TRL:
+
+    * ``sigmoid``: -(1-ε) logσ(βΔ) - ε logσ(-βΔ)  (ε > 0 is TRL's cDPO; no rescaling)
+    * ``robust``:  [-(1-ε) logσ(βΔ) + ε logσ(-βΔ)] / (1-2ε)  (unbiased robust DPO)
+    * ``ipo``:     (Δ - 1/(2β))², every log-prob (policy AND reference, summed ones are
+      passed in) divided by its completion length first
+    * ``hinge``:   relu(1 - βΔ)
+    * ``simpo``:   sigmoid form on z = β(π_c/len_c - π_r/len_r) - simpo_gamma, no reference
+      (CPOTrainer's ``loss_type="simpo"``)
+
+    Rewards are β·(π - ref) on the same (length-normalised for ipo/simpo) log-probs.
+
     ``metrics`` (0-dim float32 tensors, detached; no host sync): chosen_rewards,
     rejected_rewards, reward_margins (means of beta * (policy - ref)), reward_accuracy
     (share of pairs with chosen reward > rejected), policy_chosen_logps,
@@ -133,6 +146,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         rc, rr = ref_chosen_logps.detach().float(), ref_rejected_logps.detach().float()
     else:
         rc = rr = None
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
     for name, t in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
         if t is not None:
             _check_vec(name, t, b, dev)
@@ -228,8 +243,10 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     hidden [2B, T, H]: rows 0..B-1 chosen, B..2B-1 rejected (same prompt order);
     labels [2B, T] with ``ignore_index`` on prompt and padding; weight: this rank's
     vocab shard [V/tp, H]. Sequence log-probs are summed over completion tokens.
-    ``ref_*_logps`` [B]: precomputed reference sequence log-probs (omit when
-    ``reference_free`` or ``loss_type="simpo"``). ``nll_alpha``: RPO NLL weight on chosen.
+    ``ref_*_logps`` [B]: precomputed reference sequence log-probs, SUMMED over completion
+    tokens like the policy's (e.g. :func:`sequence_logprobs` under ``no_grad``); for
+    ``ipo``/``simpo`` both are divided by the completion length taken from ``labels``.
+    Omit them when ``reference_free`` or ``loss_type="simpo"``. ``nll_alpha``: RPO NLL weight on chosen.
     Metrics: see :func:`dpo_loss`, with ``nll_loss`` filled in.
     Other keywords as in :func:`linear_logprobs`.
     """

@@ -24,50 +24,58 @@ from .logprobs import _Engine, chunk_slices, finish_grads
 NORMALIZATIONS = ("sum", "sequence", "token")
 
 
-def _token_coefficients(labels, sample_weights, normalization: str, ignore_index: int):
-    """c_bt with loss = Σ c_bt * nll_bt (ignored tokens get 0). float32 [B, T]."""
+def _per_sample_norm(labels, normalization: str, ignore_index: int):
+    """f_b with loss = Σ_b w_b f_b Σ_t nll_bt (float32 [B]); ignored tokens have nll 0."""
     b = labels.shape[0]
-    valid = labels != ignore_index
-    w = sample_weights.detach().float()
+    n_b = (labels != ignore_index).sum(dim=1).float()
     if normalization == "sum":
-        per_sample = w / b
-    elif normalization == "sequence":
-        per_sample = w / (b * valid.sum(dim=1).clamp(min=1).float())
-    else:  # token
-        per_sample = w / valid.sum().clamp(min=1).float()
-    return torch.where(valid, per_sample[:, None], torch.zeros((), device=labels.device))
+        return torch.full((b,), 1.0 / b, dtype=torch.float32, device=labels.device)
+    if normalization == "sequence":
+        return 1.0 / (b * n_b.clamp(min=1))
+    return (1.0 / n_b.sum().clamp(min=1)).expand(b).contiguous()   # token
 
 
 class FusedLinearWSFTFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, coef, cfg: OpConfig, want_dx: bool,
-                want_dw: bool):
+    def forward(ctx, hidden, weight, labels, sample_weights, norm, cfg: OpConfig,
+                want_dx: bool, want_dw: bool):
+        # hidden [B*T, H], labels [B, T], sample_weights / norm [B]
+        b, t = labels.shape
         n, h = hidden.shape
+        y = labels.reshape(-1)
+        valid = y != cfg.ignore_index
+        per_sample = sample_weights.detach().float() * norm                     # [B]
+        coef = torch.where(valid, per_sample.repeat_interleave(t),
+                           torch.zeros((), device=hidden.device))
         eng = _Engine(weight, cfg)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         dx = torch.zeros(n, h, dtype=torch.float32, device=hidden.device) if want_dx else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw \
             else None
         for sl in chunk_slices(n, cfg.chunk_rows):
-            x_c, y_c, c_c = hidden[sl], labels[sl], coef[sl]
-            logits, lse, logp = eng.stats(x_c, y_c)
-            loss -= (c_c * logp).sum()
+            x_c, y_c = hidden[sl], y[sl]
+            logits, lse, logp[sl] = eng.stats(x_c, y_c)
             if want_dx or want_dw:
                 # d loss / d logp = -c
-                eng.grads(logits, lse, y_c, -c_c, x_c,
+                eng.grads(logits, lse, y_c, -coef[sl], x_c,
                           dx_out=None if dx is None else dx[sl], dw_acc=dw)
             del logits
+        seq_nll = -logp.view(b, t).sum(dim=1)                                    # [B]
+        # a zero weight multiplies its sample's nll by exactly 0 (no inf*0: nll is finite)
+        loss = (per_sample * seq_nll).sum()
         dx, dw = finish_grads(dx, dw, hidden, weight, cfg)
-        ctx.save_for_backward(dx, dw)
+        ctx.save_for_backward(dx, dw, norm * seq_nll)       # d loss / d w_b = f_b Σ_t nll_bt
+        ctx.sw_dtype = sample_weights.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        dx, dw = ctx.saved_tensors
+        dx, dw, dsw = ctx.saved_tensors
         g = grad_loss.float()
         gx = None if dx is None else (dx * g).to(dx.dtype)
         gw = None if dw is None else (dw * g).to(dw.dtype)
-        return gx, gw, None, None, None, None, None
+        gs = (dsw * g).to(ctx.sw_dtype) if ctx.needs_input_grad[3] else None
+        return gx, gw, None, gs, None, None, None, None
 
 
 def fused_linear_wsft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -76,9 +84,10 @@ def fused_linear_wsft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                            vocab_size: int | None = None, backend: str = "auto",
                            chunk_size: int | None = None) -> torch.Tensor:
     """Weighted SFT loss (scalar float32) from hidden [B, T, H], labels [B, T] and
-    ``sample_weights`` [B] (constants; no grad flows into them), on this rank's vocab
+    ``sample_weights`` [B], on this rank's vocab
     shard ``weight`` [V/tp, H]. See the module docstring for the normalisations; other
-    keywords as in :func:`linear_logprobs`.
+    keywords as in :func:`linear_logprobs`. If ``sample_weights`` requires grad it gets
+    d loss / d w_b (the sample's normalised NLL); the token grads never depend on it.
     """
     check_lm_head_inputs(hidden, weight, labels, lead_shape_name="hidden.shape[:2]")
     if hidden.dim() != 3 or hidden.shape[0] == 0:
@@ -98,9 +107,9 @@ def fused_linear_wsft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                       temperature=temperature, tp_group=tp_group, vocab_size=vocab_size,
                       chunk_size=chunk_size)
     y = labels.to(torch.int64).contiguous()
-    coef = _token_coefficients(y, sample_weights, normalization, ignore_index).reshape(-1)
+    norm = _per_sample_norm(y, normalization, ignore_index)
     grad_on = torch.is_grad_enabled()
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    return FusedLinearWSFTFunction.apply(h2, weight, y.reshape(-1), coef, cfg,
+    return FusedLinearWSFTFunction.apply(h2, weight, y, sample_weights, norm, cfg,
                                          grad_on and hidden.requires_grad,
                                          grad_on and weight.requires_grad)

@@ -334,6 +334,7 @@ class TeacherRole:
     templates_dir: str | None = None  # override the packaged prompt templates
     shards: int = 1
     seed: int = 0  # symbolic teacher
+    families: list[str] = field(default_factory=list)  # symbolic teacher: problem families (empty: all)
 
 
 @dataclass

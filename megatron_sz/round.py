@@ -46,14 +46,13 @@ class Stage:
     after: tuple[str, ...] | None = None  # None: the stage written before this one
     train: bool = False  # runs the Megatron trainer: always in a fresh process
     world_size: int = 1  # processes of a training stage (tp * pp * dp)
-    gpus_per_node: int = 0
 
 
 def co_evolution_round(t: int, run: Callable[[Stage], None], recipe) -> None:
     """Round t of Socratic-Zero: the roles in the paper's order."""
     S, T, G = recipe.solver, recipe.teacher, recipe.generator
     if t == 0:
-        run(Stage("prepare", prepare, "solver"))  # tokenizer, tiny inits, seeds, held-out set
+        run(Stage("prepare", prepare, "solver"))  # seeds, held-out set, warm-up data, tokenizer, D_0
         run(Stage("sft", solver_sft, "solver", train=True, **_layout(S.parallel)))  # warm-up
         run(Stage("eval_sft", evaluate_warmup, "solver"))
     run(Stage("rollout", solver_rollouts, "solver", shards=S.rollout.shards,
@@ -73,7 +72,7 @@ def co_evolution_round(t: int, run: Callable[[Stage], None], recipe) -> None:
 
 
 def _layout(parallel) -> dict:
-    return {"world_size": parallel.world_size, "gpus_per_node": parallel.gpus_per_node}
+    return {"world_size": parallel.world_size}
 
 
 def plan_round(recipe, t: int) -> list[Stage]:

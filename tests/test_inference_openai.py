@@ -227,7 +227,7 @@ def test_transformers_serve_tiny_model(tmp_path, rng_seed):
 
     model = build_tiny_model(tmp_path / "tiny")
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf_cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf_cache"), "OMP_NUM_THREADS": "1"}
     (tmp_path / "hf_cache").mkdir()
     proc = subprocess.Popen(["transformers", "serve", str(model), "--port", str(port), "--device", "cpu",
                              "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -1,5 +1,6 @@
 """Run directory: markers, idempotent stages, refusal of a different recipe, plan structure, dry-run plans."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +92,10 @@ def test_invalid_input_fails_before_submission(tmp_path, edit, needle):
     recipe.write_text(src)
     subprocess.run(["sed", "-i", edit, str(recipe)], check=True)
     assert recipe.read_text() != src
-    res = _cli("submit", str(recipe), "--run-dir", str(tmp_path / "run"), "--dry-run")
+    # a real submit (no --dry-run): validation must stop it before any sbatch call
+    env = dict(os.environ, PATH="/usr/bin:/bin", SLURM_CONF="/nonexistent/slurm.conf")
+    env["PATH"] = os.path.dirname(sys.executable) + ":" + env["PATH"]
+    res = _cli("submit", str(recipe), "--run-dir", str(tmp_path / "run"), env=env)
     assert res.returncode == 2, res.stdout + res.stderr
     assert needle in res.stderr and res.stderr.startswith("error:")
-    assert not (tmp_path / "run" / "slurm").exists()
+    assert not (tmp_path / "run").exists()

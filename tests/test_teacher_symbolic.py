@@ -89,13 +89,15 @@ def test_refine_moves_difficulty_by_zone(rng_seed):
             assert is_equivalent(extract_answer(q.solution), q.answer)
             again = t.refine(p, zone=zone, round=2)
             assert again.problem.id == q.id  # deterministic
+            other = t.refine(p, zone=zone, round=2, variant=1)
+            assert other.status == "ok" and other.problem.level == want
     top = make_problem("add", MAX_DIFFICULTY, rng)
     assert t.refine(top, zone="mastered").problem.level == MAX_DIFFICULTY
     # A non-symbolic seed problem gets a family from its subject.
     seed = Problem(id="s1", problem="How many primes are below 20?", answer="8", subject="Number Theory", level=3)
     out = t.refine(seed, zone="learning", round=1)
     assert out.status == "ok" and out.problem.extra["family"] == "mod" and out.problem.level == 3
-    assert t.stats["refine.ok"] >= 19
+    assert t.stats["refine.ok"] >= 37
 
 
 def test_verify_and_self_verify(rng_seed):
@@ -123,3 +125,13 @@ def test_verify_and_self_verify(rng_seed):
     assert t.self_verify(foreign).status == "not_checked"
     batch = t.refine_many([RefineJob(p, "learning", 1) for p in probs.values()])
     assert all(o.status == "ok" for o in batch)
+
+
+def test_families_from_recipe():
+    from megatron_sz.errors import RecipeError
+    from megatron_sz.recipe import TeacherRole
+
+    t = make_teacher(TeacherRole(kind="symbolic", families=["add", "sub"]), seed=0)
+    assert {p.extra["family"] for p in t.sample_problems(20, seed=0, difficulty=1)} == {"add", "sub"}
+    with pytest.raises(RecipeError, match="teacher.families"):
+        make_teacher(TeacherRole(kind="symbolic", families=["calculus"]), seed=0)

@@ -226,3 +226,40 @@ def test_checkpoint_of_another_architecture_is_refused(env, tmp_path):
                                tokenizer=env["tok"]))
         with pytest.raises(CheckpointError, match="num_layers 2 \\(recipe: 3\\)"):
             run_job("solver-dpo", r, data, str(sft_ckpt), tmp_path / "out2")
+
+
+def test_nonfinite_loss_stops_before_the_optimizer_step(env, tmp_path, monkeypatch):
+    from megatron_sz.train import objectives
+    from megatron_sz.train.loop import NonFiniteLoss
+
+    data = T.write_records(tmp_path / "sft.jsonl", T.arithmetic_problems(24, seed=1))
+    r = recipe(env, "nan", solver={"sft": {"max_length": 160}})
+    calls = {"n": 0}
+    real = objectives.SFTObjective.train_loss
+
+    def poisoned(self, hidden, weight, mb):
+        calls["n"] += 1
+        loss, stats = real(self, hidden, weight, mb)
+        return (loss * float("nan"), stats) if calls["n"] == 5 else (loss, stats)  # 2 micro-batches per step
+
+    monkeypatch.setattr(objectives.SFTObjective, "train_loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match="step 3/6: non-finite loss.*NOT applied"):
+        run_job("solver-sft", r, data, None, tmp_path / "out")
+    assert [x["step"] for x in read_metrics(tmp_path / "out")] == [1, 2]
+
+
+def test_cli_runs_a_job_and_inits_from_a_megatron_checkpoint(env, tmp_path):
+    from megatron_sz.cli import main
+
+    data = T.write_records(tmp_path / "pairs.jsonl", T.arithmetic_pairs(12, seed=2))
+    sft_out = env["root"] / "sft-out"
+    if not (sft_out / "checkpoint").exists():
+        pytest.skip("needs the solver-sft test's checkpoint (run the whole file)")
+    code = main(["train", "solver-dpo", "--recipe", recipe(env, "cli"), "--data", str(data), "--init", str(sft_out),
+                 "--out", str(tmp_path / "out"), "--max-steps", "2", "--set", "solver.dpo.beta=0.2",
+                 "--eval-data", str(T.write_records(tmp_path / "held.jsonl", T.arithmetic_pairs(6, seed=3)))])
+    assert code == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["init_kind"] == "mcore" and s["step"] == 2 and s["heldout_items"] == 6
+    assert s["eval_start"]["eval_accuracy"] == 0.0 and "eval_accuracy" in s["eval_end"]
+    assert torch.load(tmp_path / "out" / "ref_logps.pt", weights_only=False)["logps"].shape == (18, 2)

@@ -1,4 +1,4 @@
-"""TP=2 and PP=2 (two real gloo processes) reproduce the TP=1 loss curve of solver-dpo.
+"""TP=2, PP=2 and DP=2 (two real gloo processes) reproduce the single-process loss curve of solver-dpo.
 
 The first steps' losses, grad norms (TP-duplicate and tied-embedding aware), reference
 log-probs and held-out metrics must match the single-process run within fp32
@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
     init = str(T.save_hf_model(root / "init-hf", cfg, seed=3))
     recipes = {}
     for name, par in (("tp1", {"tp": 1, "pp": 1}), ("tp2", {"tp": 2, "pp": 1, "gpus_per_node": 2}),
-                      ("pp2", {"tp": 1, "pp": 2, "gpus_per_node": 2})):
+                      ("pp2", {"tp": 1, "pp": 2, "gpus_per_node": 2}), ("dp2", {"tp": 1, "pp": 1, "gpus_per_node": 2})):
         recipes[name] = str(T.write_recipe(root / f"{name}.yaml", config=cfg, tokenizer=str(root / "tok"), sections={
             "solver": {"parallel": par, "dpo": {"max_steps": STEPS, "eval_fraction": 0.2, "micro_batch_size": 2,
                                                 "global_batch_size": 4,
@@ -61,7 +61,7 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_parallel_layout_matches_single_process(setup, layout, monkeypatch):
     from megatron_sz import dist
 

@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="output dir: checkpoint/, metrics.jsonl, summary.json, hf/; re-running with the "
                             "same dir resumes from its checkpoint")
         j.add_argument("--tokenizer", default=None, help="tokenizer path (default: from the recipe or --init)")
+        j.add_argument("--eval-data", default=None,
+                       help="held-out JSONL of the same record type, evaluated at the start, every "
+                            "eval_interval steps and at the end (NLL, or DPO preference accuracy and margin)")
         j.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides the recipe)")
         j.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set solver.dpo.beta=0.2 (repeatable; YAML values)")
@@ -60,5 +63,6 @@ def _main(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, overrides=_overrides(args.set))
     result = run_job(args.job_kind, recipe, args.data, args.init, args.out,
-                     ref_logps=getattr(args, "ref_logps", None), tokenizer=args.tokenizer, max_steps=args.max_steps)
+                     ref_logps=getattr(args, "ref_logps", None), tokenizer=args.tokenizer, max_steps=args.max_steps,
+                     eval_data=args.eval_data)
     return result.exit_code

@@ -342,7 +342,8 @@ class OpenAIBackend(InferenceBackend):
 
             bar = tqdm(total=len(requests), desc="openai generate", unit="req", mininterval=2.0, leave=False)
         workers = max(1, min(self.concurrency, len(requests)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai")
+        try:
             futs = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
             for fut in as_completed(futs):
                 i = futs[fut]
@@ -356,6 +357,12 @@ class OpenAIBackend(InferenceBackend):
                 self._emit(on_result, res)
                 if bar is not None:
                     bar.update(1)
+        except BaseException:
+            # Ctrl-C / SystemExit: drop queued requests instead of draining them; results
+            # already handed to on_result are kept, the rest are redone by a rerun.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         if bar is not None:
             bar.close()
         with self._lock:

@@ -13,6 +13,7 @@ A teacher never raises for a bad model reply: every call returns an outcome with
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,13 @@ def load_template(name: str, templates_dir: str | Path | None = None) -> str:
 
 
 def render(template: str, **fields: object) -> str:
-    """Substitute ``{name}`` for each given field; other braces are left alone."""
-    out = template
-    for key, value in fields.items():
-        out = out.replace("{" + key + "}", "" if value is None else str(value))
-    return out
+    """Substitute ``{name}`` for each given field; other braces are left alone.
+
+    One pass, so a value that itself contains ``{answer}`` is not substituted again."""
+    if not fields:
+        return template
+    pattern = re.compile(r"\{(" + "|".join(re.escape(k) for k in fields) + r")\}")
+    return pattern.sub(lambda m: "" if fields[m.group(1)] is None else str(fields[m.group(1)]), template)
 
 
 @dataclass
@@ -79,6 +82,7 @@ class RefineJob:
     round: int = 0
     failed: Trajectory | None = None
     succeeded: Trajectory | None = None
+    variant: int = 0  # the j-th refinement of the same problem in a round (distinct output)
 
 
 class Teacher:
@@ -95,8 +99,10 @@ class Teacher:
 
     def refine(self, problem: Problem, *, failed: Trajectory | None = None,
                succeeded: Trajectory | None = None, zone: Zone = "learning",
-               round: int = 0) -> RefineOutcome:
-        return self.refine_many([RefineJob(problem, zone, round, failed, succeeded)])[0]
+               round: int = 0, variant: int = 0) -> RefineOutcome:
+        """One refinement. ``variant`` j asks for the j-th distinct refinement of the same
+        problem in the same round (deterministic per j)."""
+        return self.refine_many([RefineJob(problem, zone, round, failed, succeeded, variant)])[0]
 
     def refine_many(self, jobs: list[RefineJob]) -> list[RefineOutcome]:
         raise NotImplementedError
@@ -128,7 +134,7 @@ def make_teacher(role, *, seed: int = 0, backend=None, model_path: str | None = 
     if role.kind == "symbolic":
         from megatron_sz.teacher.symbolic import SymbolicTeacher
 
-        return SymbolicTeacher(seed=role.seed if role.seed else seed)
+        return SymbolicTeacher(seed=role.seed if role.seed else seed, families=list(role.families) or None)
     if role.kind == "llm":
         from megatron_sz.teacher.llm import LLMTeacher
 

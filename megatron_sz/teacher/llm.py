@@ -170,7 +170,7 @@ class LLMTeacher(Teacher):
         last_raw: dict[int, str | None] = {}
         last_err: dict[int, str] = {}
         attempts = {i: 0 for i in range(len(jobs))}
-        ids = {i: f"refine:{i}:{j.problem.id}:r{j.round}:{j.zone}" for i, j in enumerate(jobs)}
+        ids = {i: f"refine:{i}:{j.problem.id}:r{j.round}:{j.zone}:v{j.variant}" for i, j in enumerate(jobs)}
         for attempt in range(self.role.max_parse_retries + 1):
             todo = [i for i in range(len(jobs)) if outcomes[i] is None]
             if not todo:
@@ -220,7 +220,7 @@ class LLMTeacher(Teacher):
         level = p.level
         if level is not None:
             level = max(1, min(5, level + {"mastered": 1, "learning": 0, "too_hard": -1}[job.zone]))
-        new = Problem(id=f"t{job.round}-{stable_seed(p.id, question) % (1 << 40):010x}", problem=question,
+        new = Problem(id=f"t{job.round}-{stable_seed(p.id, question, job.variant) % (1 << 40):010x}", problem=question,
                       answer=answer, solution=solution, subject=p.subject, level=level,
                       provenance="teacher", parent_id=p.id, round=job.round,
                       extra={"zone": job.zone, "parse_status": parsed.status, "parse_notes": parsed.notes})

@@ -349,6 +349,11 @@ def _parse_json_reply(text: str | None, required: tuple[str, ...]) -> ParsedRepl
     return ParsedReply("not_json", raw=text, error=last_error)
 
 
+def parse_refine_reply(text: str | None) -> ParsedReply:
+    """``parse_json_reply`` for the refine role's ``{enhanced_question, solution, answer}``."""
+    return parse_json_reply(text, REFINE_FIELDS)
+
+
 # --------------------------------------------------------------------------- judge
 
 _NEG = r"(?:incorrect|not\s+correct|wrong|false|not\s+equivalent|no)"

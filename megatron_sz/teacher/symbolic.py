@@ -298,7 +298,10 @@ class SymbolicTeacher(Teacher):
         self.families = list(families or FAMILIES)
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown:
-            raise ValueError(f"unknown families {unknown}; available: {', '.join(FAMILIES)}")
+            from megatron_sz.errors import RecipeError
+
+            raise RecipeError(f"unknown symbolic problem families {unknown}", where="teacher.families",
+                              fix=f"choose from {', '.join(FAMILIES)}")
 
     # ---------------------------------------------------------------- data
 
@@ -354,12 +357,12 @@ class SymbolicTeacher(Teacher):
         check_zone(job.zone)
         p = job.problem
         family = p.extra.get("family") or _SUBJECT_FAMILY.get((p.subject or "").lower())
-        if family not in FAMILIES:
+        if family not in self.families:
             family = self.families[stable_seed(p.id) % len(self.families)]
         d = int(p.extra.get("difficulty") or p.level or 1)
         d = {"mastered": d + 1, "learning": d, "too_hard": d - 1}[job.zone]
         d = max(1, min(MAX_DIFFICULTY, d))
-        rng = random.Random(stable_seed("refine", self.seed, p.id, job.round, job.zone))
+        rng = random.Random(stable_seed("refine", self.seed, p.id, job.round, job.zone, job.variant))
         for _ in range(20):
             new = make_problem(family, d, rng, provenance="teacher", parent_id=p.id, round=job.round)
             if new.id != p.id and new.problem != p.problem:

@@ -211,8 +211,13 @@ def model_source(model_spec: Any, init: str | None, recipe: Any) -> tuple[dict, 
 
 def run_job(kind: str, recipe: Any, data_path: str | os.PathLike, init: str | None,
             out_dir: str | os.PathLike, *, ref_logps: str | None = None, tokenizer: str | None = None,
-            max_steps: int | None = None) -> JobResult:
-    """Run one training job (see module docstring). ``recipe``: a Recipe or a YAML path."""
+            max_steps: int | None = None, eval_data: str | os.PathLike | None = None) -> JobResult:
+    """Run one training job (see module docstring). ``recipe``: a Recipe or a YAML path.
+
+    ``eval_data``: an extra held-out file of the same record type (added to the
+    ``eval_fraction`` split); evaluated at the start, every ``eval_interval`` steps and
+    at the end (held-out NLL, or DPO preference accuracy and reward margin).
+    """
     from megatron_sz.recipe import Recipe, load_recipe
 
     if kind not in KINDS:
@@ -221,7 +226,7 @@ def run_job(kind: str, recipe: Any, data_path: str | os.PathLike, init: str | No
         recipe = load_recipe(recipe)
     with PreemptionGuard() as guard:
         return _run(kind, recipe, Path(data_path), init, Path(out_dir), guard=guard, ref_path=ref_logps,
-                    tokenizer_path=tokenizer, max_steps=max_steps)
+                    tokenizer_path=tokenizer, max_steps=max_steps, eval_path=eval_data)
 
 
 def _tokenizer_path(recipe: Any, model_spec: Any, init_kind: str, init_path: str | None,
@@ -237,7 +242,8 @@ def _tokenizer_path(recipe: Any, model_spec: Any, init_kind: str, init_path: str
 
 
 def _run(kind: str, recipe: Any, data_path: Path, init: str | None, out: Path, *, guard: PreemptionGuard,
-         ref_path: str | None, tokenizer_path: str | None, max_steps: int | None) -> JobResult:
+         ref_path: str | None, tokenizer_path: str | None, max_steps: int | None,
+         eval_path: str | os.PathLike | None = None) -> JobResult:
     import torch
 
     from megatron_sz import dist
@@ -278,8 +284,14 @@ def _run(kind: str, recipe: Any, data_path: Path, init: str | None, out: Path, *
         raise CheckpointError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
                               f"{cfg['vocab_size']}", fix="use the tokenizer the model was trained with")
     items, tstats, groups = load_items(kind, data_path, recipe, spec, tok, rank=rank)
-    all_items = items
     train_items, held = split_heldout(items, fraction=spec.eval_fraction, seed=seed, groups=groups)
+    if eval_path is not None:  # a separate held-out file, tokenised the same way
+        extra_items, _, _ = load_items(kind, Path(eval_path), recipe, spec, tok, rank=rank)
+        for j, it in enumerate(extra_items):
+            it.index = len(items) + j  # ids continue after the training file's (one ref table)
+        held = held + extra_items
+        items = items + extra_items
+    all_items = items
     # Re-index the training items' positions for the plan; Item.index stays the global id.
     plan = make_plan(train_items, global_batch_size=spec.global_batch_size, micro_batch_size=spec.micro_batch_size,
                      dp=info.dp, epochs=spec.epochs, max_steps=max_steps or spec.max_steps, seed=seed,

@@ -140,9 +140,10 @@ class StepEngine:
         n = len(keys)
         sums = dict(zip(keys, out[:n]))
         items, tokens, grad_norm, gn_bad_v, flag_v = out[n:]
-        if sums.pop("nonfinite") > 0 or gn_bad_v > 0:
+        bad_loss = sums.pop("nonfinite")
+        if bad_loss > 0 or gn_bad_v > 0:
             raise NonFiniteLoss(
-                f"non-finite {'loss' if gn_bad_v == 0 else 'gradient norm'} at this step; the optimizer "
+                f"non-finite {'loss' if bad_loss > 0 else 'gradient norm'} at this step; the optimizer "
                 f"step was NOT applied (weights are those of the last good step)",
                 fix="lower the learning rate, check the data for empty completions, or resume from "
                     "the last checkpoint with a smaller lr / stronger clip_grad")

@@ -3,7 +3,8 @@
 Priority, highest first:
 
 1. the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed; ``\\boxed 5`` too);
-2. the last "final answer: ..." / "the answer is ..." / "answer: ..." phrase;
+2. the last "final answer: ..." / "the answer is ..." / "answer: ..." phrase, or a
+   GSM8K-style ``#### 72`` line;
 3. the last number in the text (switch off with ``last_number_fallback=False``).
 
 Everything here is linear in the text length: matching braces are found with one
@@ -22,8 +23,9 @@ _MAX_PHRASE_ANSWER = 400
 _BOX_CMD = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _PHRASE = re.compile(
     r"(?:final\s+answer|the\s+answer|answer)\s*\**\s*(?:is\s*:?|:|=)"
-    r"|the\s+final\s+answer\s+is",
-    re.IGNORECASE)
+    r"|the\s+final\s+answer\s+is"
+    r"|^[ \t]*#{4}(?!#)",  # GSM8K's "#### 72" final-answer line
+    re.IGNORECASE | re.MULTILINE)
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 # ``\boxed 5`` / ``\boxed -3.5``: the argument is one token up to a delimiter.
 _BARE_TOKEN = re.compile(r"[^\s$\\,;]+")

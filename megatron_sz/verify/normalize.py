@@ -49,6 +49,14 @@ _UNICODE = {
     "\u2212": "-", "\u2013": "-", "\u00d7": r"\times ", "\u00b7": r"\cdot ", "\u03c0": r"\pi ",
     "\u221e": r"\infty ", "\u221a": r"\sqrt", "\u2264": r"\leq ", "\u2265": r"\geq ",
     "\u222a": r"\cup ", "\u2229": r"\cap ", "\u00b0": r"^\circ ", "\u2009": " ", "\u00a0": " ",
+    "\u2260": r"\neq ", "\u2205": r"\emptyset ", "\u00b2": "^{2}", "\u00b3": "^{3}",
+    "\u00b9": "^{1}", "\u2070": "^{0}", "\u2074": "^{4}",
+    # vulgar fractions: "½" and "1½" (a mixed number) as models and users write them
+    "\u00bd": r"\frac{1}{2}", "\u2153": r"\frac{1}{3}", "\u2154": r"\frac{2}{3}", "\u00bc": r"\frac{1}{4}",
+    "\u00be": r"\frac{3}{4}", "\u2155": r"\frac{1}{5}", "\u2156": r"\frac{2}{5}", "\u2157": r"\frac{3}{5}",
+    "\u2158": r"\frac{4}{5}", "\u2159": r"\frac{1}{6}", "\u215a": r"\frac{5}{6}", "\u2150": r"\frac{1}{7}",
+    "\u215b": r"\frac{1}{8}", "\u215c": r"\frac{3}{8}", "\u215d": r"\frac{5}{8}", "\u215e": r"\frac{7}{8}",
+    "\u2151": r"\frac{1}{9}", "\u2152": r"\frac{1}{10}",
 }
 _SPACING = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])|\\displaystyle|\\limits"
                       r"|\\[!,;:>]|\\q?quad(?![A-Za-z])")
@@ -63,7 +71,7 @@ _PERCENT = re.compile(r"\\%|%|\s*\bpercent\b")
 _DOLLAR = re.compile(r"\\\$|\s*\bdollars?\b")
 _SHORT_ARG = re.compile(r"\\(sqrt|frac)\s*(\d|[A-Za-z](?![A-Za-z]))")      # \sqrt2 -> \sqrt{2}
 _FRAC_SECOND = re.compile(r"\\frac\{([^{}]*)\}\s*(\d|[A-Za-z](?![A-Za-z]))")  # \frac{1}2 -> \frac{1}{2}
-_VAR_ASSIGN = re.compile(r"^\s*(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?(?:\([A-Za-z]\))?\s*=\s*(.+)$", re.S)
+_VAR_ASSIGN = re.compile(r"^\s*((?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?(?:\([A-Za-z]\))?)\s*=\s*(.+)$", re.S)
 _VAR_IN = re.compile(r"^\s*[A-Za-z]\s*\\in\s*(.+)$", re.S)
 _CONJUNCTION = re.compile(r"\s+(?:or|and)\s+|\\(?:text)?\s*(?:or|and)\b")
 _THOUSANDS_LATEX = re.compile(r"(\d)\{,\}(?=\d{3})")
@@ -215,12 +223,22 @@ def _strip_assignments(s: str) -> str:
     if "=" not in s and "\\in" not in s:
         return s
     parts = split_top(s)
-    out = []
+    out, names = [], []
     for p in parts:
-        m = _VAR_ASSIGN.match(p) or _VAR_IN.match(p)
-        if m and "=" not in m.group(1):
-            p = m.group(1).strip()
+        m = _VAR_ASSIGN.match(p)
+        if m and "=" not in m.group(2):
+            names.append(m.group(1).replace(" ", ""))
+            p = m.group(2).strip()
+        else:
+            m = _VAR_IN.match(p)
+            if m and "=" not in m.group(1):
+                p = m.group(1).strip()
         out.append(p)
+    if len(out) > 1 and len(names) == len(out) and len(set(names)) == len(names):
+        # "a=2, b=3": named values, matched by name whatever the order they are listed
+        # in -> an ordered tuple sorted by name ("b=3, a=2" is the same answer,
+        # "a=3, b=2" is not).
+        return "(" + ", ".join(v for _, v in sorted(zip(names, out))) + ")"
     return ", ".join(out)
 
 
@@ -254,8 +272,11 @@ def canonicalize(raw: str) -> Canon:
     s = _DOLLAR.sub("", s)
     if s.count("$") >= 1:
         s = s.replace("$", "")
+    # "x < -1 or x > 1" is a union of intervals; "and"/commas between inequalities are
+    # not (an intersection, or a list), so only an explicit "or" joins them with \cup.
+    union_ok = bool(re.search(r"\bor\b", s)) and not re.search(r"\band\b", s)
     s = _CONJUNCTION.sub(", ", s)
-    s = _inequality_to_interval(s.strip())
+    s = _inequalities_to_intervals(s.strip(), union_ok=union_ok)
     s = _strip_assignments(s)
     s = _expand_plus_minus(s)
     s, had_units = _strip_units(s.strip())
@@ -286,7 +307,49 @@ def canonicalize(raw: str) -> Canon:
         c.text = re.sub(r"\s+", " ", s.casefold()).strip(" .")
         if c.text.startswith("the "):
             c.text = c.text[4:]
+        n = number_from_words(c.text)
+        if n is not None:  # "five" = 5, "twenty-four" = 24 (GSM8K answers in words)
+            c.text = str(n)
+            c.notes.append("number words")
     return c
+
+
+_UNITS_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen".split())}
+_TENS_WORDS = {w: 10 * i for i, w in enumerate(
+    "twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+_SCALE_WORDS = {"hundred": 100, "thousand": 1000, "million": 10**6}
+
+
+def number_from_words(text: str) -> int | None:
+    """The whole number a short English phrase names ("twenty-four", "one hundred and
+    five"), or None. Only a phrase made entirely of number words counts."""
+    words = [w for w in re.split(r"[\s\-]+", text.strip().casefold()) if w and w != "and"]
+    if not words or len(words) > 8:
+        return None
+    negative = words[0] in ("minus", "negative")
+    if negative:
+        words = words[1:]
+    total = current = 0
+    seen = False
+    for w in words:
+        if w in _UNITS_WORDS:
+            current += _UNITS_WORDS[w]
+        elif w in _TENS_WORDS:
+            current += _TENS_WORDS[w]
+        elif w == "hundred":
+            current = max(current, 1) * 100
+        elif w in _SCALE_WORDS:
+            total += max(current, 1) * _SCALE_WORDS[w]
+            current = 0
+        else:
+            return None
+        seen = True
+    if not seen:
+        return None
+    value = total + current
+    return -value if negative else value
 
 
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
@@ -295,6 +358,7 @@ _VAR = r"(?:[A-Za-z]|\\[A-Za-z]+)"
 _LESS = {"<": False, "\\lt": False, "\\leq": True, "<=": True, "\\leqslant": True}
 _MORE = {">": False, "\\gt": False, "\\geq": True, ">=": True, "\\geqslant": True}
 _OPS = "|".join(re.escape(o) for o in sorted({**_LESS, **_MORE}, key=len, reverse=True))
+_RELATION = re.compile(rf"{_OPS}|\\neq")
 _INEQ_ONE = re.compile(rf"^\s*({_VAR})\s*({_OPS})\s*([^<>=]+?)\s*$")
 _INEQ_ONE_FLIPPED = re.compile(rf"^\s*([^<>=]+?)\s*({_OPS})\s*({_VAR})\s*$")
 _INEQ_TWO = re.compile(rf"^\s*([^<>=]+?)\s*({_OPS})\s*({_VAR})\s*({_OPS})\s*([^<>=]+?)\s*$")
@@ -304,6 +368,8 @@ def _inequality_to_interval(s: str) -> str:
     """"x \\geq 3" -> "[3,\\infty)", "1 < x \\leq 2" -> "(1,2]" (one variable, no other relations)."""
     if not any(op in s for op in ("<", ">", "\\le", "\\ge", "\\lt", "\\gt")):
         return s
+    if len(_RELATION.findall(s)) > 2 or len(split_top(s)) > 1:
+        return s  # "x \\le -2, x \\ge 2": several inequalities, not one interval
     m = _INEQ_TWO.match(s)
     if m:
         lo, op1, _, op2, hi = m.groups()
@@ -324,6 +390,27 @@ def _inequality_to_interval(s: str) -> str:
         if op in _LESS:  # 3 < x
             return f"{'[' if _LESS[op] else '('}{bound},\\infty)"
         return f"(-\\infty,{bound}{']' if _MORE[op] else ')'}"
+    return s
+
+
+_NOT_EQUAL = re.compile(rf"^\s*({_VAR})\s*(?:\\neq|!=)\s*([^<>=]+?)\s*$")
+
+
+def _inequalities_to_intervals(s: str, *, union_ok: bool) -> str:
+    """One inequality -> an interval; ``x \\neq 2`` -> two open rays; with ``union_ok``
+    a list of inequalities ("x<-1, x>1" after "or" became a comma) -> their union."""
+    one = _inequality_to_interval(s)
+    if one != s:
+        return one
+    m = _NOT_EQUAL.match(s)
+    if m:
+        b = m.group(2)
+        return f"(-\\infty,{b})\\cup({b},\\infty)"
+    if union_ok and "," in s:
+        parts = split_top(s)
+        conv = [_inequality_to_interval(p) for p in parts]
+        if len(parts) > 1 and all(c != p for c, p in zip(conv, parts)):
+            return "\\cup".join(conv)
     return s
 
 
@@ -485,6 +572,8 @@ def numbers_close(a: Fraction, b: Fraction, *, approx: bool | None = None) -> bo
         approx = isinstance(a, Approx) or isinstance(b, Approx)
     if not approx:
         return False
+    if a.denominator == 1 and b.denominator == 1:
+        return False  # "100000001.0" is the integer 100000001, never 100000000
     diff = abs(a - b)
     return float(diff) <= max(REL_TOL * max(abs(float(a)), abs(float(b))), ABS_TOL)
 
@@ -504,6 +593,10 @@ def compare_values(a, b) -> bool | None:
     if isinstance(a, Fraction) and isinstance(b, Fraction):
         return numbers_close(a, b)
     if isinstance(a, Seq) != isinstance(b, Seq):
+        seq, other = (a, b) if isinstance(a, Seq) else (b, a)
+        if seq.kind == "set" and len(seq.items) == 1:
+            # "\{-3\}" vs "-3": the solution set of one element is that element.
+            return compare_values(seq.items[0], other)
         # A compound answer never equals a scalar one ("1,2" vs "12").
         return False
     if isinstance(a, Seq):

@@ -79,6 +79,23 @@ def _sympy_equal(ea, eb) -> bool:
     return sympy.simplify(diff) == 0
 
 
+def _imaginary_equal(ea, eb) -> bool:
+    """math-verify reads ``i`` as a plain symbol, so ``e^{i\\pi}`` is not ``-1`` and ``i^2``
+    is not ``-1`` there. When an answer uses a free ``i``, compare once more with ``i``
+    as the imaginary unit (answers with ``i`` are complex numbers in MATH-style sets)."""
+    import sympy
+    if not (isinstance(ea, sympy.Expr) and isinstance(eb, sympy.Expr)):
+        return False
+    # math-verify's symbols may carry assumptions, so match them by name.
+    subs = {sym: sympy.I for sym in ea.free_symbols | eb.free_symbols if str(sym) == "i"}
+    if not subs:
+        return False
+    try:
+        return _sympy_equal(ea.subs(subs), eb.subs(subs))
+    except Exception:  # noqa: BLE001 -- an odd expression: no extra equivalence
+        return False
+
+
 def _variants(s: str, *, percent: bool, other_percent: bool, degrees: bool, other_has_pi: bool) -> list[str]:
     out = [s]
     if percent and not other_percent:
@@ -107,6 +124,8 @@ def symbolic_equal(a: str, b: str, *, a_percent: bool = False, b_percent: bool =
                 for p in preds:
                     if g and p and _mv_verify(g, p, t):
                         return True, "math-verify"
+            if _imaginary_equal(golds[0][0], preds[0][0]):
+                return True, "sympy (i as the imaginary unit)"
             return False, "math-verify"
     except Exception:  # noqa: BLE001 -- math-verify bug on odd input: fall back to sympy
         pass
