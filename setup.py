@@ -45,6 +45,7 @@ install_requires = [
     "safetensors>=0.4,<1",
     "pyyaml>=6,<7",
     "tqdm>=4.66,<5",
+    "httpx>=0.27,<1",
     "matplotlib>=3.8,<4",
 ]
 
