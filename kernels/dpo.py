@@ -159,8 +159,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
 class FusedLinearDPOFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ref_c, ref_r, cfg: OpConfig, opts: DPOOptions,
-                nll_alpha: float, want_dx: bool, want_dw: bool):
+    def forward(ctx, hidden, weight, labels, ref_c, ref_r, norm_lens, cfg: OpConfig,
+                opts: DPOOptions, nll_alpha: float, want_dx: bool, want_dw: bool):
         two_b, t, h = hidden.shape
         b = two_b // 2
         dev = hidden.device
@@ -169,6 +169,8 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         yf = labels.reshape(two_b * t)
         lens = (labels != cfg.ignore_index).sum(dim=1).float()            # [2B]
         n_chosen = lens[:b].sum().clamp(min=1)
+        if norm_lens is None:                     # lengths for ipo / simpo normalisation
+            norm_lens = lens
         seq = torch.empty(two_b, dtype=torch.float32, device=dev)
         losses = torch.empty(b, dtype=torch.float32, device=dev)
         cr = torch.empty_like(losses)
@@ -186,7 +188,7 @@ class FusedLinearDPOFunction(torch.autograd.Function):
             logits, lse, logp = eng.stats(x_c, y_c)
             s = logp.view(2, k, t).sum(dim=2)                            # [2, k]
             seq[i0:i1], seq[b + i0:b + i1] = s[0], s[1]
-            lc, lr = lens[i0:i1], lens[b + i0:b + i1]
+            lc, lr = norm_lens[i0:i1], norm_lens[b + i0:b + i1]
             rc = None if ref_c is None else ref_c[i0:i1]
             rr = None if ref_r is None else ref_r[i0:i1]
             if not (want_dx or want_dw):
@@ -227,7 +229,7 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         g = grad_loss.float()
         gx = None if dx is None else (dx * g).to(dx.dtype)
         gw = None if dw is None else (dw * g).to(dw.dtype)
-        return gx, gw, None, None, None, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -235,6 +237,8 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           ref_rejected_logps: torch.Tensor | None = None, beta: float = 0.1,
                           loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                           reference_free: bool = False, simpo_gamma: float = 0.5,
+                          chosen_lengths: torch.Tensor | None = None,
+                          rejected_lengths: torch.Tensor | None = None,
                           nll_alpha: float = 0.0, ignore_index: int = -100, tp_group=None,
                           temperature: float = 1.0, vocab_size: int | None = None,
                           backend: str = "auto", chunk_size: int | None = None):
@@ -246,7 +250,9 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     ``ref_*_logps`` [B]: precomputed reference sequence log-probs, SUMMED over completion
     tokens like the policy's (e.g. :func:`sequence_logprobs` under ``no_grad``); for
     ``ipo``/``simpo`` both are divided by the completion length taken from ``labels``.
-    Omit them when ``reference_free`` or ``loss_type="simpo"``. ``nll_alpha``: RPO NLL weight on chosen.
+    Omit them when ``reference_free`` or ``loss_type="simpo"``. ``chosen_lengths`` /
+    ``rejected_lengths`` [B] optionally replace the label-derived lengths used by
+    ``ipo``/``simpo`` (same keywords as :func:`dpo_loss`); the NLL term always counts labels. ``nll_alpha``: RPO NLL weight on chosen.
     Metrics: see :func:`dpo_loss`, with ``nll_loss`` filled in.
     Other keywords as in :func:`linear_logprobs`.
     """
@@ -272,10 +278,18 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         ref_r = ref_rejected_logps.detach().float()
     else:
         ref_c = ref_r = None
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
+    norm_lens = None
+    if chosen_lengths is not None:
+        _check_vec("chosen_lengths", chosen_lengths, b, hidden.device)
+        _check_vec("rejected_lengths", rejected_lengths, b, hidden.device)
+        norm_lens = torch.cat([chosen_lengths, rejected_lengths]).detach().float()
     grad_on = torch.is_grad_enabled()
     want_dx = grad_on and hidden.requires_grad
     want_dw = grad_on and weight.requires_grad
     loss, m = FusedLinearDPOFunction.apply(hidden.contiguous(), weight,
                                            labels.to(torch.int64).contiguous(), ref_c, ref_r,
-                                           cfg, opts, float(nll_alpha), want_dx, want_dw)
+                                           norm_lens, cfg, opts, float(nll_alpha), want_dx,
+                                           want_dw)
     return loss, dict(zip(METRIC_KEYS, m.unbind(0)))

@@ -34,7 +34,8 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     tok = T.make_tokenizer(root / "tok")
     cfg = T.tiny_config(tok.vocab_size)
-    yield {"root": root, "tok": str(root / "tok"), "cfg": cfg, "tokenizer": tok}
+    with T.isolated_world():  # leave no process group / MASTER_PORT behind for other test files
+        yield {"root": root, "tok": str(root / "tok"), "cfg": cfg, "tokenizer": tok}
     torch.set_num_threads(threads)
 
 
@@ -263,3 +264,38 @@ def test_cli_runs_a_job_and_inits_from_a_megatron_checkpoint(env, tmp_path):
     assert s["init_kind"] == "mcore" and s["step"] == 2 and s["heldout_items"] == 6
     assert s["eval_start"]["eval_accuracy"] == 0.0 and "eval_accuracy" in s["eval_end"]
     assert torch.load(tmp_path / "out" / "ref_logps.pt", weights_only=False)["logps"].shape == (18, 2)
+
+
+@pytest.mark.slow
+def test_cli_exit_code_75_on_sigterm_then_resume(env, tmp_path):
+    """The real command line: SIGTERM during step 3 -> exit 75; the same command again -> 0."""
+    import os
+    import subprocess
+    import sys
+
+    data = T.write_records(tmp_path / "sft.jsonl", T.arithmetic_problems(16, seed=4))
+    cmd = [sys.executable, "-m", "megatron_sz", "train", "solver-sft", "--recipe",
+           recipe(env, "cli75", solver={"sft": {"max_length": 160}}), "--data", str(data), "--out", str(tmp_path / "o")]
+    # A fresh single-process world (in-process jobs above exported MASTER_PORT etc.).
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    base_env["OMP_NUM_THREADS"] = "1"
+    first = subprocess.run(cmd, env=dict(base_env, MEGATRON_SZ_SIGNAL_AT_STEP="2"), capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 75, first.stderr[-2000:]
+    assert "received SIGTERM" in first.stderr and "re-run the same command to resume" in first.stderr
+    second = subprocess.run(cmd, env=base_env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stderr and "at step 3/4" in second.stderr
+    assert [x["step"] for x in read_metrics(tmp_path / "o")] == [1, 2, 3, 4]
+
+
+def test_activation_recompute_gives_the_same_steps(env, tmp_path):
+    data = T.write_records(tmp_path / "sft.jsonl", T.arithmetic_problems(8, seed=5))
+    curves = {}
+    for mode in ("none", "full"):
+        r = recipe(env, f"rc-{mode}", solver={"parallel": {"recompute": mode}, "sft": {"max_length": 160}})
+        run_job("solver-sft", r, data, None, tmp_path / mode)
+        curves[mode] = [(x["loss"], x["grad_norm"]) for x in read_metrics(tmp_path / mode)]
+    assert len(curves["none"]) == 2
+    assert curves["full"] == pytest.approx(curves["none"], rel=1e-6)

@@ -8,7 +8,6 @@ embedding's gradient reduced across the first and last stage.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -54,7 +53,8 @@ def setup(tmp_path_factory):
                                                 "optim": {"lr": 3e-3, "warmup_steps": 1, "decay": "cosine"}}}}))
     from megatron_sz.train.jobs import run_job
 
-    base = run_job("solver-dpo", recipes["tp1"], data, init, root / "tp1")
+    with T.isolated_world():
+        base = run_job("solver-dpo", recipes["tp1"], data, init, root / "tp1")
     assert base.exit_code == 0
     yield {"root": root, "data": str(data), "recipes": recipes, "init": init}
     torch.set_num_threads(threads)

@@ -10,8 +10,12 @@ normalisation would, and documented next to each case below):
 
 * Decimals are compared with a relative tolerance of 1e-6 (``normalize.REL_TOL``):
   ``0.6666667`` = 2/3, but a 3-significant-digit rounding (``0.667``, ``1.571`` for pi/2)
-  is NOT accepted; the reference asked for an exact value. Integers and fractions are
-  exact: two 30-digit integers that differ in the last digit are different.
+  is NOT accepted; the reference asked for an exact value. Against an exact irrational
+  the decimal must also be a correct ~6-significant-digit rounding (``3.141593`` = pi,
+  ``3.14159`` is not), at any scale (``10^6\\pi`` = ``3141592.65``). Integers and
+  fractions are exact: two 30-digit integers that differ in the last digit are
+  different, and so are ``100000001.0`` and ``100000000``.
+* A comparison that runs out of time is "undecided" (for the judge), never "not equal".
 * Percent: ``5\\%`` equals both ``5`` and ``0.05`` (answers are often given with or without
   the sign); degrees: ``90^\\circ`` equals ``90`` and ``\\frac{\\pi}{2}``.
 * Units, currency and ``x =`` / ``f(x) =`` prefixes are presentation and are stripped.
@@ -26,9 +30,11 @@ normalisation would, and documented next to each case below):
 """
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import time
+from fractions import Fraction
 
 import pytest
 
@@ -53,6 +59,10 @@ EQUIV = [
     (r"\dfrac{1+\sqrt{5}}{2}", r"\frac{1}{2}+\frac{\sqrt{5}}{2}"),
     # pi
     (r"\frac{\pi}{2}", r"\frac12\pi"), (r"\frac{\pi}{2}", "1.5707963"),  # 1e-6 tolerance
+    # a decimal against an exact irrational: scale-aware (math-verify alone rounds to
+    # 6 decimal places, which rejected these two and accepted sqrt(2)/10^6 = 0.000001)
+    (r"1000\sqrt{2}", "1414.2136"), (r"10^6\pi", "3141592.65"), (r"\pi", "3.141593"),
+    (r"e^{-20}", "2.061153622e-9"),  # e-notation is not Euler's e
     (r"4\pi", r"\pi\cdot 4"), (r"\frac{5\pi}{6}", r"5\pi/6"), (r"\pi r^2", r"r^2\pi"),
     (r"36\pi", r"36 \pi"), (r"\frac{16\pi}{3}", r"\frac{16}{3}\pi"),
     # powers, exp, complex
@@ -82,7 +92,7 @@ EQUIV = [
     # tuples / points / vectors / matrices
     (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\pi/2)"), ("(2, -1)", r"\left(2,-1\right)"),
     (r"\left(2\sqrt{2}, \frac{7\pi}{4}\right)", r"(\sqrt8, 7\pi/4)"),
-    ("(0.5, 0.25)", r"(\frac12, \frac14)"), ("a=2, b=3", "(2, 3)"),
+    ("(0.5, 0.25)", r"(\frac12, \frac14)"), ("(1e3, 2e-2)", "(1000, 0.02)"), ("a=2, b=3", "(2, 3)"),
     ("a=2, b=3", "b=3, a=2"),  # named values: order-free
     (r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", r"\begin{bmatrix}1&2\\3&4\end{bmatrix}"),
     (r"\begin{pmatrix} 3 \\ -1 \end{pmatrix}", r"\begin{pmatrix}3\\-1\end{pmatrix}"),
@@ -97,6 +107,7 @@ EQUIV = [
     # units and text-wrapped answers
     (r"10\text{ cm}", "10"), (r"10 \text{cm}", "10"), (r"10\,\text{cm}", "10"),
     (r"12\,\mathrm{m}^2", "12"), (r"\text{5 cookies}", "5"), ("15 minutes", "15"),
+    (r"\frac{1}{2} \text{ cup}", "0.5"), (r"5 \text{ min}", "5"), ("45^o", "45"), ("€12", "12"),
     (r"24 \text{ square feet}", "24"), (r"4\ \text{inches}", "4"), (r"\mathrm{7}", "7"),
     (r"x=5", "5"), (r"f(x) = x^2+1", "x^2+1"), (r"y = 2x+3", "3+2x"), (r"\text{Evelyn}", "Evelyn"),
     (r"\text{no solution}", "No solution."), (r"\infty", r"+\infty"),
@@ -119,6 +130,8 @@ NOT_EQUIV = [
     # numbers
     (r"\frac{2}{3}", "0.667"),  # 3-digit rounding is not the exact value
     (r"\frac{\pi}{2}", "1.571"), ("2.00001", "2"), ("33", "34"), ("-7", "7"),
+    (r"\frac{\sqrt{2}}{1000000}", "0.000001"), (r"\frac{\pi}{10^5}", "0.00003"),
+    (r"1000\sqrt{2}", "1414.21"), (r"\pi", "3.1416"), (r"e^{-20}", "2.06e-9"),
     ("123456789012345678901234567890", "123456789012345678901234567891"),
     (r"\frac{3}{4}", r"\frac{4}{3}"), ("0.75", "0.57"), (r"\frac{1}{7}", "0.142"),
     ("1500", r"1.5\times10^{4}"), ("1000000", "100000"), ("1,000,000", "1000"),
@@ -140,7 +153,7 @@ NOT_EQUIV = [
     (r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", r"\begin{pmatrix}1&3\\2&4\end{pmatrix}"),
     # percent / degrees / currency / units
     (r"5\%", "0.5"), (r"5\%", "50"), (r"90^\circ", "45"), (r"90^\circ", r"\pi"),
-    (r"\$5", "50"), (r"10\text{ cm}", "100"), (r"\$5.00", "500"),
+    (r"\$5", "50"), (r"10\text{ cm}", "100"), (r"\$5.00", "500"), (r"\frac{1}{2}\text{ cup}", "2"), ("45^o", "54"),
     # infinity and empty
     (r"\infty", r"-\infty"), (r"\infty", "0"),
     # multiple choice / words
@@ -185,6 +198,50 @@ def test_word_answers_need_a_judge_not_a_guess():
     """Two different words might be synonyms: undecided (False for is_equivalent)."""
     v = judge(r"\text{no real solutions}", "none")
     assert v.equivalent is None and v.decided_by == "undecided"
+
+
+# ----------------------------------------------------------------------------- randomised
+
+def _integer_forms(n: int) -> list[str]:
+    """Ways a grader's reference or a model's answer writes the integer ``n``."""
+    forms = [str(n), f"{n:,}", f"{n:,}".replace(",", "{,}"), f"{n}.00", f"x = {n}",
+             f"\\text{{{n} apples}}", f"\\boxed{{{n}}}", f"{n}.", f"$ {n} $", f"{n}\\text{{ cm}}",
+             f"\\left( {n} \\right)", str(n).replace("-", "\u2212")]
+    if n >= 0:
+        forms.append(f"\\${n:,}")
+    tz = len(str(abs(n))) - len(str(abs(n)).rstrip("0"))
+    if n and tz >= 2:  # 1200 = 1.2\times10^{3}
+        digits = str(abs(n)).rstrip("0")
+        mant = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+        exp = len(str(abs(n))) - 1
+        forms.append(f"{'-' if n < 0 else ''}{mant}\\times10^{{{exp}}}")
+    return forms
+
+
+def _fraction_forms(x: Fraction) -> list[str]:
+    p, q = x.numerator, x.denominator
+    sign = "-" if p < 0 else ""
+    forms = [f"{sign}\\dfrac{{{abs(p)}}}{{{q}}}", f"\\frac{{{p}}}{{{q}}}", f"{p}/{q}",
+             f"{float(x):.10g}", f"{sign}\\tfrac{{{abs(p) * 7}}}{{{q * 7}}}", f"y=\\frac{{{p}}}{{{q}}}"]
+    pct = x * 100
+    if pct.denominator == 1:
+        forms.append(f"{pct.numerator}\\%")
+    return forms
+
+
+def test_random_values_in_many_notations(rng_seed):
+    rng = random.Random(rng_seed)
+    for _ in range(25):
+        n = rng.choice([rng.randint(-999, 999), rng.randint(10**3, 10**7) * 100, rng.randint(10**15, 10**25)])
+        a, b = rng.sample(_integer_forms(n), 2)
+        _check_equiv(a, b)
+        other = n + rng.choice([1, -1, 10, 100])
+        assert not is_equivalent(a, rng.choice(_integer_forms(other))), (n, other, a)
+        x = Fraction(rng.randint(-500, 500) or 1, rng.choice([3, 7, 8, 20, 64, 125, 99]))
+        a, b = rng.sample(_fraction_forms(x), 2)
+        _check_equiv(a, b)
+        near = x * (1 + Fraction(rng.choice([1, -1]), 10**4))  # 1e-4 off: outside the tolerance
+        assert not is_equivalent(a, f"{float(near):.10g}"), (x, near, a)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -252,6 +309,15 @@ def test_adversarial_returns_within_5s_and_is_not_correct(bad):
     extract_answer("Solution: " + bad)
     extract_answer(r"\boxed{" + bad + "}")
     assert time.monotonic() - t0 < 5.0
+
+
+def test_running_out_of_time_is_undecided_not_wrong():
+    """A comparison that hit a timeout has not shown "not equal": it goes to the judge."""
+    for bad in ("10!!!!!", "(10^{9999}+1)^{9999}"):
+        t0 = time.monotonic()
+        v = judge(bad, "5", timeout_s=5.0)
+        assert time.monotonic() - t0 < 5.0
+        assert v.equivalent is None and v.decided_by == "undecided", v
 
 
 def test_a_normal_answer_after_adversarial_ones_still_verifies():

@@ -186,6 +186,8 @@ def build_model(hf_config: Any, *, tp: int | None = None, pp: int | None = None,
             if float(arch.rope_theta).is_integer() else arch.rope_theta,
             vp_stage=stage)
         _set_rope(model, arch)
+        if not init_weights:
+            _mark_tensor_parallel_params(model)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         model.hf_config = cfg
@@ -194,6 +196,33 @@ def build_model(hf_config: Any, *, tp: int | None = None, pp: int | None = None,
         model.padded_vocab_size = padded
         chunks.append(model)
     return chunks
+
+
+def _mark_tensor_parallel_params(model) -> None:
+    """Set the TP attributes that Megatron only sets inside its weight initialisers.
+
+    With ``perform_initialization=False`` (fast build before loading weights) Megatron's
+    parallel layers skip ``set_tensor_model_parallel_attributes``; grad-norm, clipping
+    and the optimizer would then treat TP shards as duplicates (measured: a different
+    grad norm at TP=2 for identical weights). Column-parallel and vocab-parallel weights
+    split dim 0, row-parallel weights dim 1.
+    """
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    gated = model.config.gated_linear_unit
+    for path, module in model.named_modules():
+        name = type(module).__name__
+        if "ColumnParallel" in name or "VocabParallelEmbedding" in name:
+            dim = 0
+        elif "RowParallel" in name:
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and not getattr(weight, "tensor_model_parallel", False):
+            # SwiGLU fc1 holds [gate_r; up_r] per rank: Megatron marks it stride 2.
+            stride = 2 if gated and path.endswith("linear_fc1") else 1
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=stride)
 
 
 def _set_rope(model, arch: ModelArch) -> None:

@@ -16,7 +16,6 @@ the same command to resume). User errors raise ``UserError`` (the CLI prints one
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -252,7 +251,7 @@ def _run(kind: str, recipe: Any, data_path: Path, init: str | None, out: Path, *
     from megatron_sz.tokenizer import load_tokenizer
     from megatron_sz.train import objectives as obj
     from megatron_sz.train import state
-    from megatron_sz.train.data import fingerprint, make_plan, split_heldout
+    from megatron_sz.train.data import make_plan, split_heldout
     from megatron_sz.train.loop import StepEngine
     from megatron_sz.train.metrics import MetricsLogger, model_flops_per_token, peak_flops
     from megatron_sz.train.schedule import lr_for
@@ -261,6 +260,9 @@ def _run(kind: str, recipe: Any, data_path: Path, init: str | None, out: Path, *
     if par.sequence_parallel:
         raise RecipeError("sequence_parallel is not supported by the training jobs yet",
                           where="parallel.sequence_parallel", fix="set it to false")
+    if par.virtual_pp:
+        raise RecipeError("virtual (interleaved) pipeline stages are not supported by the training jobs yet",
+                          where="parallel.virtual_pp", fix="remove virtual_pp (1F1B without interleaving is used)")
     if spec.batching == "packed":
         raise RecipeError("batching: packed is not implemented for the training jobs yet",
                           where="train.batching", fix="use length_sorted (pads each micro-batch only to its longest item)")

@@ -178,7 +178,6 @@ class StepEngine:
         for c in self.chunks:
             c.eval()
         mbs, seq_len = self._collate(groups)
-        it = iter(mbs)
         order: list[MicroBatch] = []
 
         def wrapped(hidden, weight, mb):
@@ -186,5 +185,4 @@ class StepEngine:
             return torch.zeros((), device=hidden.device), {"out": fn(hidden, weight, mb)}
 
         per_mb = self._run(wrapped, mbs, seq_len, forward_only=True)
-        del it
         return [(mb, d["out"]) for mb, d in zip(order, per_mb)]

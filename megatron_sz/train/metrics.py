@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,7 @@ def _start_wandb(out_dir: Path, *, kind: str, spec: Any, config: dict | None) ->
     run_id = id_file.read_text().strip() if id_file.exists() else None
     try:
         if run_id is None:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:8]
             atomic_write_text(id_file, run_id + "\n")
         return wandb.init(project=project or "megatron-sz", entity=getattr(spec, "entity", None),
                           name=f"{out_dir.name}-{kind}", id=run_id, resume="allow", mode=mode,

@@ -142,6 +142,47 @@ def save_hf_model(out_dir: str | Path, config: dict, *, seed: int = 0, tokenizer
     return Path(out_dir)
 
 
+_WORLD_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class isolated_world:
+    """Context manager for in-process jobs in a test session: on exit, destroy the
+    process group and Megatron's parallel state that ``run_job`` created, and restore
+    the rendezvous variables ``dist.init_from_env`` exported (a later subprocess would
+    otherwise try to bind the same MASTER_PORT)."""
+
+    def __enter__(self):
+        import os
+
+        import torch.distributed as tdist
+
+        self._had_world = tdist.is_available() and tdist.is_initialized()
+        self._env = {k: os.environ.get(k) for k in _WORLD_ENV}
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        import torch.distributed as tdist
+
+        if self._had_world:
+            return
+        try:
+            from megatron.core import parallel_state
+
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
+        except ImportError:
+            pass
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+        for k, v in self._env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def write_records(path: str | Path, records: list) -> Path:
     write_jsonl(path, records)
     return Path(path)

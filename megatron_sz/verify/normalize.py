@@ -66,9 +66,9 @@ _FRAC_VARIANT = re.compile(r"\\[dtc]frac(?![A-Za-z])")
 _BINOM_VARIANT = re.compile(r"\\[dt]binom(?![A-Za-z])")
 _RELATION_SHORT = [(re.compile(r"\\le(?![A-Za-z])"), r"\\leq"), (re.compile(r"\\ge(?![A-Za-z])"), r"\\geq"),
                    (re.compile(r"\\ne(?![A-Za-z])"), r"\\neq")]
-_DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|\s*\bdegrees?\b\.?|\s*\bdeg\b\.?")
+_DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|(?<=\d)\s*\^\s*\{?o\}?(?![A-Za-z])|\s*\bdegrees?\b\.?|\s*\bdeg\b\.?")
 _PERCENT = re.compile(r"\\%|%|\s*\bpercent\b")
-_DOLLAR = re.compile(r"\\\$|\s*\bdollars?\b")
+_DOLLAR = re.compile(r"\\\$|\s*\bdollars?\b|[\u20ac\u00a3\u00a5]|\\(?:euro|pounds)(?![A-Za-z])")
 _SHORT_ARG = re.compile(r"\\(sqrt|frac)\s*(\d|[A-Za-z](?![A-Za-z]))")      # \sqrt2 -> \sqrt{2}
 _FRAC_SECOND = re.compile(r"\\frac\{([^{}]*)\}\s*(\d|[A-Za-z](?![A-Za-z]))")  # \frac{1}2 -> \frac{1}{2}
 _VAR_ASSIGN = re.compile(r"^\s*((?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?(?:\([A-Za-z]\))?)\s*=\s*(.+)$", re.S)
@@ -76,14 +76,17 @@ _VAR_IN = re.compile(r"^\s*[A-Za-z]\s*\\in\s*(.+)$", re.S)
 _CONJUNCTION = re.compile(r"\s+(?:or|and)\s+|\\(?:text)?\s*(?:or|and)\b")
 _THOUSANDS_LATEX = re.compile(r"(\d)\{,\}(?=\d{3})")
 _THOUSANDS = re.compile(r"(?<![\d.,])(-?\d{1,3}(?:,\d{3})+)(?![\d,])(\.\d+)?")
+_E_NOTATION = re.compile(r"(?<![A-Za-z\\\d.])(\d+\.?\d*|\.\d+)[eE]([-+]?\d+)(?![\d.A-Za-z])")
 _MIXED_PLAIN = re.compile(r"^(-?)(\d+)\s+(\d+)\s*/\s*(\d+)$")
 
 # Words that are mathematics, never units.
 _MATH_WORDS = {
     "pi", "sqrt", "frac", "infty", "inf", "sin", "cos", "tan", "cot", "sec", "csc", "arcsin",
-    "arccos", "arctan", "log", "ln", "exp", "cup", "cap", "circ", "cdot", "times", "and", "or",
-    "i", "e", "sinh", "cosh", "tanh", "mod", "gcd", "lcm", "max", "min", "det", "binom",
+    "arccos", "arctan", "log", "ln", "exp", "cap", "circ", "cdot", "times", "and", "or",
+    "i", "e", "sinh", "cosh", "tanh", "mod", "gcd", "lcm", "max", "det", "binom",
 }
+# ("cup" and "min" are units too -- "1/2 cup", "5 min"; the commands \cup and \min are
+# never stripped anyway, because a unit never follows a backslash.)
 # Single-letter units only stripped when separated from a plain number by a space.
 _SINGLE_LETTER_UNITS = {"m", "g", "s", "l", "L", "h", "k"}
 _UNIT_TAIL = re.compile(r"([A-Za-z]+)(?:\s*/\s*[A-Za-z]+)?\.?\s*(?:\^\s*\{?\s*[23]\s*\}?)?\s*$")
@@ -283,6 +286,8 @@ def canonicalize(raw: str) -> Canon:
     if had_units:
         c.notes.append("units stripped")
     s = _THOUSANDS_LATEX.sub(r"\1", s)
+    # "2.06e-9" is scientific notation; math-verify would read it as 2.06*e - 9.
+    s = _E_NOTATION.sub(r"\1\\times10^{\2}", s)
     s = _SHORT_ARG.sub(r"\\\1{\2}", s)
     s = _FRAC_SECOND.sub(r"\\frac{\1}{\2}", s)
     s = s.replace("\x01", "\\{").replace("\x02", "\\}").replace("\x03", "\\\\")

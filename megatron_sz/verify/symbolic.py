@@ -10,8 +10,12 @@ one of the answers (then a judge has to decide).
 """
 from __future__ import annotations
 
+import math
 import random
 import re
+import time
+
+from megatron_sz.verify.normalize import ABS_TOL, REL_TOL
 
 __all__ = ["symbolic_equal"]
 
@@ -79,6 +83,33 @@ def _sympy_equal(ea, eb) -> bool:
     return sympy.simplify(diff) == 0
 
 
+ROUNDING_TOL = 5e-7
+
+
+def _numeric_close(gold, pred) -> bool | None:
+    """Numbers where one side is a written decimal: the relative tolerance of the rule
+    layer (``REL_TOL``), not math-verify's rounding to 6 decimal places (which calls
+    ``\\frac{\\sqrt2}{10^6}`` equal to ``0.000001`` and ``1000\\sqrt2`` unequal to
+    ``1414.2136``). None when not two numbers with a decimal among them."""
+    import sympy
+    a, b = gold[0], pred[0]
+    if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr)):
+        return None
+    if a.free_symbols or b.free_symbols or not (a.atoms(sympy.Float) or b.atoms(sympy.Float)):
+        return None
+    try:
+        va, vb = complex(a.evalf(30)), complex(b.evalf(30))
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+        return None
+    if not all(math.isfinite(v) for v in (va.real, va.imag, vb.real, vb.imag)):
+        return None
+    big = max(abs(va), abs(vb))
+    diff = abs(va - vb)
+    # Within REL_TOL, and a correct 6-significant-digit rounding at least (3.14159 is not
+    # pi: 3.141593 is). Both bounds scale with the number, unlike a fixed 6 decimals.
+    return diff <= max(REL_TOL * big, ABS_TOL) and diff <= max(ROUNDING_TOL * max(1.0, big), ABS_TOL)
+
+
 def _imaginary_equal(ea, eb) -> bool:
     """math-verify reads ``i`` as a plain symbol, so ``e^{i\\pi}`` is not ``-1`` and ``i^2``
     is not ``-1`` there. When an answer uses a free ``i``, compare once more with ``i``
@@ -120,12 +151,30 @@ def symbolic_equal(a: str, b: str, *, a_percent: bool = False, b_percent: bool =
         preds = [p for p in (_mv_parse(x, t) for x in a_vars)]
         if golds[0] and preds[0]:
             parsed_any = True
-            for g in golds:
-                for p in preds:
-                    if g and p and _mv_verify(g, p, t):
-                        return True, "math-verify"
+            timed_out = False
+            numeric_false = set()
+            for gi, g in enumerate(golds):
+                for pi, p in enumerate(preds):
+                    close = _numeric_close(g, p) if g and p else None
+                    if close:
+                        return True, f"numbers within {REL_TOL:g} relative"
+                    if close is False:
+                        numeric_false.add((gi, pi))
+            if len(numeric_false) == len(golds) * len(preds):
+                return False, f"numbers differ by more than {REL_TOL:g} relative"
+            for gi, g in enumerate(golds):
+                for pi, p in enumerate(preds):
+                    if g and p and (gi, pi) not in numeric_false:
+                        started = time.monotonic()
+                        if _mv_verify(g, p, t):
+                            return True, "math-verify"
+                        # math-verify answers False when its own timeout fires; a
+                        # comparison that ran out of time has not shown "not equal".
+                        timed_out = timed_out or time.monotonic() - started >= 0.95 * t
             if _imaginary_equal(golds[0][0], preds[0][0]):
                 return True, "sympy (i as the imaginary unit)"
+            if timed_out:
+                return None, f"timeout: math-verify ran out of its {t}s"
             return False, "math-verify"
     except Exception:  # noqa: BLE001 -- math-verify bug on odd input: fall back to sympy
         pass
