@@ -252,7 +252,8 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     ``ipo``/``simpo`` both are divided by the completion length taken from ``labels``.
     Omit them when ``reference_free`` or ``loss_type="simpo"``. ``chosen_lengths`` /
     ``rejected_lengths`` [B] optionally replace the label-derived lengths used by
-    ``ipo``/``simpo`` (same keywords as :func:`dpo_loss`); the NLL term always counts labels. ``nll_alpha``: RPO NLL weight on chosen.
+    ``ipo``/``simpo`` (same keywords as :func:`dpo_loss`); the NLL term always counts
+    labels. ``nll_alpha``: RPO NLL weight on chosen (mean NLL over all chosen tokens).
     Metrics: see :func:`dpo_loss`, with ``nll_loss`` filled in.
     Other keywords as in :func:`linear_logprobs`.
     """

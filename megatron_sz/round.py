@@ -21,16 +21,12 @@ previous round. A stage with no ``after`` depends on the stage written before it
 from __future__ import annotations
 
 import json
-import os
-import random
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from megatron_sz.data import (PreferencePair, Problem, Trajectory, WeightedExample, JsonlAppender,
-                              atomic_write_json, iter_jsonl, read_jsonl, record_to_dict, write_jsonl)
+from megatron_sz.data import (JsonlAppender, Problem, Trajectory, iter_jsonl, read_jsonl, record_to_dict,
+                              write_jsonl)
 from megatron_sz.errors import UserError
 from megatron_sz.rundir import RunDir
 

@@ -301,7 +301,8 @@ def test_fused_dpo_random(rng_seed, backend):
         rc = (-torch.rand(b) * 5 * t).to(dev)
         rr = (-torch.rand(b) * 5 * t).to(dev)
         lengths = torch.randint(1, 9, (2 * b,)) if rng.random() < 0.3 else None
-        tag = (f"lengths={lengths} "f"{loss_type} eps={eps} ref_free={ref_free} B={b} T={t} H={hd} V={v} "
+        tag = (f"lengths={lengths} {loss_type} eps={eps} ref_free={ref_free} B={b} T={t} "
+               f"H={hd} V={v} "
                f"alpha={alpha} beta={beta} temp={temp} ign={ign} chunk={chunk} {dtype}")
         loss, m = fused_linear_dpo_loss(
             h, w, y, ref_chosen_logps=None if ref_free else rc,
@@ -343,6 +344,13 @@ def test_fused_dpo_completely_ignored_batch(rng_seed, backend):
     close(loss, torch.tensor(math.log(2.0)), 1e-6, "all-ignored loss = -log sigmoid(0)")
     loss.backward()
     assert bool((h.grad == 0).all()) and bool((w.grad == 0).all())
+    for norm in ("sum", "sequence", "token"):   # WSFT on an all-ignored batch: 0, no grads
+        h.grad = w.grad = None
+        loss = fused_linear_wsft_loss(h, w, y, torch.rand(4, device=dev) + 0.1,
+                                      normalization=norm, backend=backend)
+        assert float(loss.detach()) == 0.0, f"{norm}: {float(loss.detach())}"
+        loss.backward()
+        assert bool((h.grad == 0).all()) and bool((w.grad == 0).all()), norm
 
 
 # ===================================================================== fused WSFT

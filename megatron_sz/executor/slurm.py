@@ -169,7 +169,7 @@ class PlannedJob:
 def build_plan(rd: RunDir, recipe, *, rounds: int, live: dict) -> list[PlannedJob]:
     """What to submit: every stage/shard of rounds [0, rounds) without a completion marker."""
     from megatron_sz.executor import correlated, stage_done, upstream
-    from megatron_sz.round import find_stage, plan_round
+    from megatron_sz.round import plan_round
 
     plan: list[PlannedJob] = []
     by_key: dict[str, PlannedJob] = {}

@@ -24,6 +24,8 @@ _EXPORTS = {
     "true_vocab_size": "megatron_sz.megatron.model",
     "padded_vocab_size": "megatron_sz.megatron.model",
     "vocab_shard_range": "megatron_sz.megatron.model",
+    "vocab_parallel_logits": "megatron_sz.megatron.model",
+    "pipeline_forward_logits": "megatron_sz.megatron.model",
     "unwrap": "megatron_sz.megatron.model",
     "load_hf_weights": "megatron_sz.megatron.weights",
     "arch_from_hf_config": "megatron_sz.megatron.arch",

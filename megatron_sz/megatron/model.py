@@ -262,6 +262,8 @@ def forward_hidden(model, input_ids: Optional[torch.Tensor], position_ids: Optio
     earlier stages it is the stage output to send on. On non-first stages the input
     comes from ``model.set_input_tensor`` (the schedule does this), and ``input_ids``
     may be None. With sequence parallelism the result is gathered to the full sequence.
+    The result is replicated over TP ranks: a loss computed from this rank's vocab shard
+    must all-reduce dX over TP in backward (``vocab_parallel_logits`` does).
     ``attention_mask``: None = causal; else bool ``[b, 1, s, s]`` with True = masked out.
     """
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
@@ -312,6 +314,19 @@ def vocab_shard_range(model) -> tuple[int, int]:
     return rank * per, (rank + 1) * per
 
 
+def vocab_parallel_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """This rank's logits shard ``[s, b, V_padded/tp]`` = hidden @ lm_head_shard^T.
+
+    The hidden states enter through ``copy_to_tensor_model_parallel_region`` (identity
+    forward, all-reduce of dX over TP in backward): every rank's vocab shard contributes
+    to the gradient of the replicated hidden states. A custom LM-head loss (the fused
+    kernels) must do the same all-reduce of dX.
+    """
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    return torch.matmul(copy_to_tensor_model_parallel_region(hidden), lm_head_weight(model).t())
+
+
 def forward_logits(model, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                    attention_mask: Optional[torch.Tensor] = None, *, gather: bool = True,
                    strip_padding: bool = True) -> torch.Tensor:
@@ -319,12 +334,11 @@ def forward_logits(model, input_ids: torch.Tensor, position_ids: Optional[torch.
 
     Materialises the full logits: use the fused kernels with ``forward_hidden`` in training.
     """
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     hidden = forward_hidden(model, input_ids, position_ids, attention_mask)
-    weight = lm_head_weight(model)
-    logits = torch.matmul(hidden, weight.t())  # [s, b, V/tp]
+    logits = vocab_parallel_logits(model, hidden)  # [s, b, V/tp]
     if gather:
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
         logits = gather_from_tensor_model_parallel_region(logits)
         if strip_padding:
             logits = logits[..., :true_vocab_size(model)]
@@ -355,7 +369,7 @@ def pipeline_forward_logits(model_chunks, input_ids: torch.Tensor,
         def loss_func(output):
             gpt = unwrap(model)
             if gpt.post_process:
-                logits = gather_from_tensor_model_parallel_region(output @ lm_head_weight(model).t())
+                logits = gather_from_tensor_model_parallel_region(vocab_parallel_logits(model, output))
                 collected.append(logits[..., :gpt.true_vocab_size].transpose(0, 1).contiguous())
             return output.new_zeros(()), {}
         return hidden, loss_func

@@ -332,7 +332,7 @@ def _run(kind: str, recipe: Any, data_path: Path, init: str | None, out: Path, *
     kw = dict(tp_group=info.tp_group, vocab_size=vocab)
     ref_table = None
     if kind == "solver-dpo":
-        if not spec.reference_free:
+        if not (spec.reference_free or spec.loss_type == "simpo"):  # simpo has no reference model
             ref_table = _reference_logps(all_items, out=out, ref_path=ref_path, start=start, spec=spec,
                                          engine=StepEngine(objective=None, **engine_kw), kw=kw, info=info,
                                          rank=rank).to(device)

@@ -119,7 +119,7 @@ class DPOObjective(Objective):
         self.ref = ref_logps  # [N_items, 2] (chosen, rejected), or None when reference-free
 
     def _ref(self, mb) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.spec.reference_free or self.ref is None:
+        if self.spec.reference_free or self.spec.loss_type == "simpo" or self.ref is None:
             return None, None
         r = self.ref.index_select(0, mb.item_index.to(self.ref.device))
         return r[:, 0], r[:, 1]

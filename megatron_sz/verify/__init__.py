@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
 from megatron_sz.verify.extract import extract_answer
-from megatron_sz.verify.normalize import (Approx, Canon, canonicalize, compare_values, numbers_close,
-                                          parse_value, unsafe_reason)
+from megatron_sz.verify.normalize import (MAX_ANSWER_CHARS, Approx, Canon, canonicalize, compare_values,
+                                          numbers_close, parse_value, unsafe_reason)
 from megatron_sz.verify.sandbox import Worker, default_worker
 
 __all__ = ["extract_answer", "is_equivalent", "verify_batch", "judge", "warm_up", "Verdict",
@@ -98,9 +98,11 @@ def _fast(answer, reference) -> tuple[Verdict | None, dict | None]:
     if a.strip() == b.strip():
         return _rule(True, "identical strings"), None
     for name, s in (("answer", a), ("reference", b)):
-        why = unsafe_reason(s)
-        if why:
-            return _undecided(f"unparseable {name}: {why}"), None
+        # Only the size guard here (it keeps canonicalize cheap); the structural guards run
+        # on the canonical text below, which is what reaches sympy -- on the raw text they
+        # would misread markdown ("**5**") as a power tower.
+        if len(s) > MAX_ANSWER_CHARS:
+            return _undecided(f"unparseable {name}: {unsafe_reason(s)}"), None
     ca, cb = canonicalize(a), canonicalize(b)
     for name, c in (("answer", ca), ("reference", cb)):
         if not c.text:

@@ -49,7 +49,7 @@ _UNICODE = {
     "\u2212": "-", "\u2013": "-", "\u00d7": r"\times ", "\u00b7": r"\cdot ", "\u03c0": r"\pi ",
     "\u221e": r"\infty ", "\u221a": r"\sqrt", "\u2264": r"\leq ", "\u2265": r"\geq ",
     "\u222a": r"\cup ", "\u2229": r"\cap ", "\u00b0": r"^\circ ", "\u2009": " ", "\u00a0": " ",
-    "\u2260": r"\neq ", "\u2205": r"\emptyset ", "\u00b2": "^{2}", "\u00b3": "^{3}",
+    "\u00b1": r"\pm ", "\u2213": r"\mp ", "\u2260": r"\neq ", "\u2205": r"\emptyset ", "\u00b2": "^{2}", "\u00b3": "^{3}",
     "\u00b9": "^{1}", "\u2070": "^{0}", "\u2074": "^{4}",
     # vulgar fractions: "½" and "1½" (a mixed number) as models and users write them
     "\u00bd": r"\frac{1}{2}", "\u2153": r"\frac{1}{3}", "\u2154": r"\frac{2}{3}", "\u00bc": r"\frac{1}{4}",
@@ -76,6 +76,7 @@ _VAR_IN = re.compile(r"^\s*[A-Za-z]\s*\\in\s*(.+)$", re.S)
 _CONJUNCTION = re.compile(r"\s+(?:or|and)\s+|\\(?:text)?\s*(?:or|and)\b")
 _THOUSANDS_LATEX = re.compile(r"(\d)\{,\}(?=\d{3})")
 _THOUSANDS = re.compile(r"(?<![\d.,])(-?\d{1,3}(?:,\d{3})+)(?![\d,])(\.\d+)?")
+_PY_POWER = re.compile(r"(?<=[\w)}])\s*\*\*\s*(?=[\w({.+-])")
 _E_NOTATION = re.compile(r"(?<![A-Za-z\\\d.])(\d+\.?\d*|\.\d+)[eE]([-+]?\d+)(?![\d.A-Za-z])")
 _MIXED_PLAIN = re.compile(r"^(-?)(\d+)\s+(\d+)\s*/\s*(\d+)$")
 
@@ -252,6 +253,7 @@ def canonicalize(raw: str) -> Canon:
         if k in s:
             s = s.replace(k, v)
     s = _unwrap_outer(s)
+    s = _PY_POWER.sub("^", s)  # "2**3" (Python) is 2^3; math-verify misreads it
     c = Canon(text="")
     s = s.replace("\\\\", "\x03")  # protect LaTeX row breaks from the "\ " spacing rule
     s = _SPACING.sub(" ", s).replace("\\ ", " ").replace("~", " ")
