@@ -100,6 +100,7 @@ def test_submit_round_scancel_resubmit(slurm_cluster, tmp_path):
                 break
         time.sleep(0.5)
     assert victim, "no stage seen running\n" + _logs(run)
+    print(f"scancel {victim[0]} ({victim[1]}) while running")
     subprocess.run(["scancel", victim[0].split("_")[0]], env=env, check=True)
     # dependents of the cancelled job are removed (--kill-on-invalid-dep=yes)
     _wait_empty(env, run, 120)

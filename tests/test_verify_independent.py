@@ -26,7 +26,13 @@ normalisation would, and documented next to each case below):
   sometimes come out in words and no human grader would mark them wrong.
 * Interval ends matter: ``[1,2)`` is not ``(1,2]``; tuples are ordered, sets are not.
 * A column vector ``\\begin{pmatrix}1\\\\2\\end{pmatrix}`` and the same matrix with
-  ``bmatrix`` are equal; an answer never equals something of a different shape.
+  ``bmatrix`` are equal; an answer never equals something of a different shape (a
+  pmatrix vs a tuple is left unequal: contested, not tested).
+* A one-element set ``\\{-3\\}`` equals ``-3``; ``\\{1, 2\\}`` does not equal ``1``.
+* ``i`` in an answer is the imaginary unit (``e^{i\\pi}`` = -1, ``i^2`` = -1);
+  ``2.06e-9`` is scientific notation, not ``2.06 e - 9``; ``2**3`` is a power.
+* Word answers against different words, or against a symbol (``\\text{no solution}`` vs
+  ``\\emptyset``), are "undecided": the LLM judge decides, ``is_equivalent`` is False.
 """
 from __future__ import annotations
 
@@ -197,8 +203,10 @@ def test_pairs_are_fresh_and_many():
 
 def test_word_answers_need_a_judge_not_a_guess():
     """Two different words might be synonyms: undecided (False for is_equivalent)."""
-    v = judge(r"\text{no real solutions}", "none")
-    assert v.equivalent is None and v.decided_by == "undecided"
+    for a, b in ((r"\text{no real solutions}", "none"), (r"\text{no solution}", r"\emptyset")):
+        v = judge(a, b)
+        assert v.equivalent is None and v.decided_by == "undecided", (a, b, v)
+        assert not is_equivalent(a, b)
 
 
 # ----------------------------------------------------------------------------- randomised
@@ -264,6 +272,9 @@ EXTRACT = [
     (r"She pays \$1,200.", "1200"),
     ("x is 3.5 and y is -2", "-2"),
     (r"\boxed{5}. Also the answer is 6.", "5"),  # a box beats a later phrase
+    (r"so we get $\boxed{x=2}$ and $\boxed{y=3}$", "3"),
+    (r"The answer is \[ \frac{1}{2} \]", "0.5"),
+    ("So she earns 1,000 dollars.\n#### 1,000", "1000"),
 ]
 
 
@@ -313,18 +324,13 @@ def test_adversarial_returns_within_5s_and_is_not_correct(bad):
 
 
 def test_running_out_of_time_is_undecided_not_wrong():
-    """A comparison that hit a timeout has not shown "not equal": it goes to the judge."""
+    """A comparison that hit a timeout has not shown "not equal": it goes to the judge.
+    And the next real answer still verifies (a timed-out or killed worker recovers)."""
     for bad in ("10!!!!!", "(10^{9999}+1)^{9999}"):
         t0 = time.monotonic()
         v = judge(bad, "5", timeout_s=5.0)
         assert time.monotonic() - t0 < 5.0
         assert v.equivalent is None and v.decided_by == "undecided", v
-
-
-def test_a_normal_answer_after_adversarial_ones_still_verifies():
-    """A killed symbolic worker must not turn the next real answer into a timeout."""
-    for bad in ("(9999^{9999})^{9999}", "10^{10^{100}}"):
-        judge(bad, "1", timeout_s=5.0)
         assert is_equivalent(r"\frac{\sqrt{3}}{2}", r"\sqrt{3}/2")
 
 

@@ -207,6 +207,37 @@ def _check_tensors(state: dict, ckpt: Path) -> None:
                                   fix="build the model from the checkpoint's hf_config.json (another architecture?)")
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh DistributedOptimizer real (dummy) Adam states before loading into it.
+
+    Without Apex/TE, Megatron wraps ``torch.optim.AdamW``, whose per-parameter ``step``
+    only exists after a first step; ``DistributedOptimizer.state_dict()`` asserts on it
+    (the CPU case). The dummy values are overwritten by the load.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not distrib_optimizer.HAVE_APEX_OR_TE and not getattr(DistributedOptimizer, "_msz_step_fix", False):
+        # Same cause: the fully-reshardable load copies every key of the live Adam state,
+        # including torch's per-parameter ``step``, which the saved per-parameter tensors do
+        # not carry (Megatron restores it from the param groups). Keep the live one.
+        original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+        def set_states(self, model_param, tensors):
+            if "step" not in tensors:
+                live = self._get_main_param_and_optimizer_states(model_param)
+                if "step" in live:
+                    tensors = {**tensors, "step": live["step"]}
+            return original(self, model_param, tensors)
+
+        DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+        DistributedOptimizer._msz_step_fix = True
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(opt, DistributedOptimizer) and inner is not None and len(inner.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def check_checkpoint_arch(model, ckpt: Path) -> None:
     """Refuse a checkpoint whose hf_config.json describes another network."""
     from megatron_sz.megatron.arch import arch_from_hf_config
@@ -248,6 +279,7 @@ def load_checkpoint(ckpt_root: str | Path, model_chunks, optimizer=None, *, opt_
         if not meta.get("has_optimizer", False):
             raise CheckpointError("the checkpoint has no optimizer state", where=str(ckpt),
                                   fix="load without an optimizer (e.g. init from a converted checkpoint)")
+        _materialize_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state["model"] if "model" in state else state,
                                                           is_loading=True, metadata=dict(_OPT_METADATA))
     loaded = dist_checkpointing.load(state, str(ckpt))

@@ -14,7 +14,13 @@ Everything it does is linear-ish in the input and bounded by the guard:
   needs the symbolic layer (radicals, pi, algebraic expressions).
 
 Numbers are ``fractions.Fraction`` (exact) and compared with a relative tolerance of
-``REL_TOL`` so that ``0.3333333`` matches ``1/3`` but ``0.333`` does not.
+``REL_TOL`` so that ``0.3333333`` matches ``1/3`` but ``0.333`` does not; integers, and
+decimals whose value is an integer (``100000001.0``), are compared exactly.
+
+Conventions decided here (see tests/test_verify_independent.py): named values
+``a=2, b=3`` are matched by name; ``x<-1 or x>1`` and ``x \\neq 2`` become unions of
+intervals; a one-element set equals its element; small number words ("five") are
+numbers; unicode ``½ ± ² ≠`` and Python ``**`` / ``2.06e-9`` are rewritten to LaTeX.
 """
 from __future__ import annotations
 

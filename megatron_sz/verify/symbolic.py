@@ -6,7 +6,11 @@ neither signals nor threads can stop it, so the caller kills the whole process i
 Inputs arrive already canonicalised and guarded by ``normalize.py``.
 
 Returns ``(equivalent, how)``: ``equivalent`` is None when neither library could read
-one of the answers (then a judge has to decide).
+one of the answers, or when math-verify ran out of time (then a judge has to decide).
+
+Two corrections to math-verify: numbers where one side is a written decimal are
+compared here with a scale-aware tolerance (math-verify rounds to 6 decimal places,
+whatever the magnitude), and a free ``i`` is retried as the imaginary unit.
 """
 from __future__ import annotations
 
