@@ -240,6 +240,32 @@ def _tokenizer_path(recipe: Any, model_spec: Any, init_kind: str, init_path: str
     raise RecipeError("no tokenizer: set model.tokenizer or tokenizer.path in the recipe, or pass --tokenizer")
 
 
+def _train_tokenizer_on_data(recipe: Any, data_path: Path, eval_path: Any, out: Path, rank: int) -> Path:
+    """A recipe with ``tokenizer: {kind: sentencepiece, train: true}`` and no tokenizer given
+    (e.g. ``megatron-sz train solver-dpo --recipe recipes/local-tiny.yaml --data pairs.jsonl``
+    on its own, outside a run directory): train one on the job's own text, deterministically,
+    into ``OUT/tokenizer``. A rerun (resume) reuses it, so ids never change mid-job."""
+    from megatron_sz.megatron import training as mt
+    from megatron_sz.tokenizer import train_sentencepiece
+
+    target = out / "tokenizer"
+    if rank == 0 and not (target / "tokenizer.model").is_file():
+        texts: list[str] = []
+        for path in [data_path] + ([Path(eval_path)] if eval_path is not None else []):
+            for obj in iter_jsonl(path):
+                texts.extend(v for v in obj.values() if isinstance(v, str) and v.strip())
+        if not texts:
+            raise UserError(f"{data_path} has no text to train a tokenizer on", where=str(data_path),
+                            fix="pass --tokenizer, or check the data file")
+        tmp = out / ".tokenizer.tmp"
+        train_sentencepiece(texts, tmp, vocab_size=recipe.tokenizer.vocab_size, seed=recipe.seed)
+        tmp.replace(target)
+        print(f"[train] no tokenizer given: trained a {recipe.tokenizer.vocab_size}-piece SentencePiece "
+              f"tokenizer on {data_path.name} into {target}", flush=True)
+    mt.barrier()
+    return target
+
+
 def _run(kind: str, recipe: Any, data_path: Path, init: str | None, out: Path, *, guard: PreemptionGuard,
          ref_path: str | None, tokenizer_path: str | None, max_steps: int | None,
          eval_path: str | os.PathLike | None = None) -> JobResult:
@@ -281,7 +307,13 @@ def _run(kind: str, recipe: Any, data_path: Path, init: str | None, out: Path, *
 
     # ---- data
     cfg, init_kind, init_path = model_source(model_spec, init, recipe)
-    tok = load_tokenizer(_tokenizer_path(recipe, model_spec, init_kind, init_path, tokenizer_path))
+    try:
+        tok_path = _tokenizer_path(recipe, model_spec, init_kind, init_path, tokenizer_path)
+    except RecipeError:
+        if not (recipe.tokenizer.kind == "sentencepiece" and recipe.tokenizer.train):
+            raise
+        tok_path = _train_tokenizer_on_data(recipe, data_path, eval_path, out, rank)
+    tok = load_tokenizer(tok_path)
     if tok.vocab_size > cfg["vocab_size"]:
         raise CheckpointError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
                               f"{cfg['vocab_size']}", fix="use the tokenizer the model was trained with")
