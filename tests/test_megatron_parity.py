@@ -10,6 +10,8 @@ distributed work and returns tensors; the assertions run here in the parent:
 * save at TP=2, load at TP=1 and at PP=2: same logits;
 * a save that dies mid-write leaves ``latest`` on the previous checkpoint;
 * loading a checkpoint of another architecture names the mismatching tensor;
+* model + Adam state (plain and distributed optimizer) saved at TP=2 resume at TP=1:
+  the next training step gives the same model as continuing without the checkpoint;
 * HF -> mcore (TP=2) -> HF is bit-exact on every tensor and transformers loads it.
 """
 from __future__ import annotations
@@ -36,13 +38,49 @@ def _ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
+def _ddp_and_optimizer(hf_dir, tp, dist_opt, *, load_hf):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    import megatron_sz.megatron as mm
+
+    mm.initialize_parallel(tp, 1)
+    chunks = mm.build_model(hf_dir, init_weights=not load_hf)
+    if load_hf:
+        mm.load_hf_weights(chunks, hf_dir)
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt)
+    wrapped = [DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c) for c in chunks]
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, clip_grad=1.0,
+                                                 use_distributed_optimizer=dist_opt, params_dtype=torch.float32),
+                                 wrapped)
+    return wrapped, opt
+
+
+def _train_step(wrapped, opt, ids, labels):
+    """One AdamW step on a TP-invariant vocab-parallel CE loss."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    import megatron_sz.megatron as mm
+
+    for w in wrapped:
+        w.zero_grad_buffer()
+    opt.zero_grad()
+    hidden = mm.forward_hidden(wrapped[0], ids)
+    logits = mm.vocab_parallel_logits(wrapped[0], hidden).float()
+    vocab_parallel_cross_entropy(logits, labels.t().contiguous()).mean().backward()
+    finalize_model_grads(wrapped)
+    ok, _, _ = opt.step()
+    assert ok
+
+
 def _worker(rank, world, dirs, ids, labels, root):
     """Everything distributed, on 2 ranks. Returns a dict of results (rank 0's is used)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     import megatron_sz.megatron as mm
-    from megatron_sz.errors import CheckpointError
+    from megatron_sz.errors import CheckpointError, UserError
     from megatron_sz.megatron import checkpoint as ckpt_mod
     from megatron_sz.megatron.convert import hf_to_mcore, mcore_to_hf
     from megatron_sz.megatron.model import pipeline_forward_logits
@@ -67,6 +105,29 @@ def _worker(rank, world, dirs, ids, labels, root):
     for name in dirs:
         for tp, pp in ((1, 1), (2, 1), (1, 2)):
             out["logits"][(name, tp, pp)] = logits_at(tp, pp, name)[0]
+
+    # 1b. TP=2 with sequence parallelism, and with full activation recompute (which
+    #     replays the CPU RNG tracker): same logits, same gradients as plain TP=2.
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    mm.initialize_parallel(2, 1)
+    variants = {}
+    try:
+        mm.build_model(dirs["qwen3"], init_weights=False, sequence_parallel=True)
+        out["sp_error"] = None
+    except UserError as exc:  # CPU: Megatron's torch norms refuse sequence parallelism
+        out["sp_error"] = str(exc)
+    for label, kw in (("plain", {}), ("recompute", {"recompute": "full"})):
+        chunks = mm.build_model(dirs["qwen3"], init_weights=False, **kw)
+        mm.load_hf_weights(chunks, dirs["qwen3"])
+        hidden = mm.forward_hidden(chunks, ids)
+        logits = mm.vocab_parallel_logits(chunks[0], hidden)
+        vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).mean().backward()
+        gpt = chunks[0]
+        variants[label] = (logits.detach(), gpt.embedding.word_embeddings.weight.grad.clone(),
+                           gpt.decoder.layers[1].mlp.linear_fc1.weight.grad.clone())
+    out["variants"] = {k: [(a - b).abs().max().item() for a, b in zip(v, variants["plain"])]
+                       for k, v in variants.items() if k != "plain"}
 
     # 2. one PP=2 training step through the schedule with a tiny CE loss
     mm.initialize_parallel(1, 2)
@@ -149,7 +210,27 @@ def _worker(rank, world, dirs, ids, labels, root):
     except CheckpointError as exc:
         out["ckpt"]["wrong_arch"] = str(exc)
 
-    # 5. HF -> mcore at TP=2 (in this 2-rank world) -> HF
+    # 5. model + optimizer: train 1 step at TP=2, save, train 1 more; resume at TP=1 (DP=2)
+    #    from the checkpoint and train the same step: the logits must agree.
+    out["resume"] = {}
+    for dist_opt in (False, True):
+        root_o = os.path.join(root, f"ckpt_opt_{int(dist_opt)}")
+        w, opt = _ddp_and_optimizer(dirs["qwen3"], 2, dist_opt, load_hf=True)
+        _train_step(w, opt, ids, labels)
+        mm.save_checkpoint(root_o, w, opt, step=1, extra_state={})
+        _train_step(w, opt, ids, labels)
+        with torch.no_grad():
+            cont = mm.forward_logits(w[0], ids)
+        w2, opt2 = _ddp_and_optimizer(dirs["qwen3"], 1, dist_opt, load_hf=False)
+        mm.load_checkpoint(root_o, w2, opt2)
+        _train_step(w2, opt2, ids, labels)
+        with torch.no_grad():
+            resumed = mm.forward_logits(w2[0], ids)
+        with torch.no_grad():
+            moved = (cont - logits_at(1, 1, "qwen3")[0]).abs().max().item()
+        out["resume"][dist_opt] = ((cont - resumed).abs().max().item(), moved)
+
+    # 6. HF -> mcore at TP=2 (in this 2-rank world) -> HF
     for name in ("qwen3", "qwen2_bias_tied"):
         conv = os.path.join(root, f"conv_{name}")
         hf_to_mcore(dirs[name], conv, tp=2, pp=1, progress=False)
@@ -190,6 +271,16 @@ def test_logits_parity(distributed_results, name, tp, pp):
     diff = (got - ref).abs().max().item()
     print(f"{name} tp={tp} pp={pp}: max abs logits diff {diff:.3e}")
     assert diff <= TOL
+
+
+def test_full_recompute_matches_plain_tp2(distributed_results):
+    logits_diff, embed_grad_diff, fc1_grad_diff = distributed_results["results"]["variants"]["recompute"]
+    assert logits_diff <= 1e-5 and embed_grad_diff <= 1e-6 and fc1_grad_diff <= 1e-6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on GPU sequence parallelism is supported (TE norms)")
+def test_sequence_parallel_without_te_is_a_clear_error(distributed_results):
+    assert "sequence_parallel" in distributed_results["results"]["sp_error"]
 
 
 def test_llama3_rope_scaling_is_not_a_no_op(distributed_results, tmp_path):
@@ -252,6 +343,15 @@ def test_wrong_architecture_names_the_tensor(distributed_results):
     msg = distributed_results["results"]["ckpt"]["wrong_arch"]
     assert msg is not None, "loading a checkpoint of another architecture did not fail"
     assert "decoder.layers.mlp.linear_fc" in msg
+
+
+@pytest.mark.parametrize("dist_opt", [False, True], ids=["optimizer", "distributed_optimizer"])
+def test_optimizer_resume_at_other_tp(distributed_results, dist_opt):
+    """Save model+Adam at TP=2 after one step, resume at TP=1: the next step agrees."""
+    diff, moved = distributed_results["results"]["resume"][dist_opt]
+    print(f"dist_opt={dist_opt}: resumed vs continued max abs logits diff {diff:.2e} (training moved logits by {moved:.2f})")
+    assert moved > 0.1, "the optimizer steps did not change the model; the comparison would be vacuous"
+    assert diff <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["qwen3", "qwen2_bias_tied"])

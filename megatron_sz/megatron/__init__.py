@@ -2,13 +2,22 @@
 
 Public API (everything else in the package is an implementation detail):
 
-* ``ensure_cpu_shim()``, ``initialize_parallel(tp, pp, *, vpp=None, seed=1234)``
-* ``build_model(hf_config, *, tp, pp, params_dtype, ...) -> list[GPTModel]``
+* ``ensure_cpu_shim()`` (no-op with CUDA), ``initialize_parallel(tp, pp, *, vpp=None, seed=1234)``
+* ``build_model(hf_config, *, tp, pp, params_dtype, make_vocab_size_divisible_by=128,
+  sequence_parallel=False, recompute=None, init_weights=True) -> list[GPTModel]``;
+  ``hf_config`` is a dict, an HF folder or a megatron-sz checkpoint folder
 * ``load_hf_weights(chunks, hf_dir)``
-* ``forward_hidden`` / ``forward_logits`` / ``lm_head_weight`` / ``true_vocab_size`` /
-  ``padded_vocab_size`` / ``vocab_shard_range``
-* ``save_checkpoint`` / ``load_checkpoint`` / ``latest_checkpoint``
+* ``forward_hidden(model, input_ids, position_ids=None, attention_mask=None) -> [s, b, h]``,
+  ``lm_head_weight(model) -> [V_pad/tp, h]``, ``vocab_parallel_logits(model, hidden)``,
+  ``forward_logits`` / ``pipeline_forward_logits`` (parity checks),
+  ``true_vocab_size`` / ``padded_vocab_size`` / ``vocab_shard_range``, ``unwrap``
+* ``save_checkpoint(root, chunks, optimizer=None, *, step, extra_state, keep_last=None)``,
+  ``load_checkpoint(root, chunks, optimizer=None) -> {"step", "path", **extra_state} | None``,
+  ``latest_checkpoint(root)``
 * conversion: ``hf_to_mcore``, ``mcore_to_hf``, ``check`` (module ``convert``)
+* ``arch_from_hf_config`` / ``read_hf_config`` / ``check_layout`` / ``ModelArch``
+
+Supported: Qwen3 dense, Qwen2/2.5, Llama 3 (llama3 RoPE scaling). Not yet: GLM-4, MoE.
 
 Imports are lazy so ``import megatron_sz.megatron`` stays cheap.
 """

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from megatron_sz.data import atomic_write_json, atomic_write_text
 from megatron_sz.errors import CheckpointError
@@ -102,12 +102,15 @@ def _write_sharded(state: dict, path: Path) -> None:
 
 
 def save_checkpoint(ckpt_root: str | Path, model_chunks, optimizer=None, *, step: int,
-                    extra_state: dict | None = None, opt_param_scheduler=None) -> Path:
+                    extra_state: dict | None = None, opt_param_scheduler=None,
+                    keep_last: Optional[int] = None) -> Path:
     """Save model (+ Megatron optimizer) state at ``step``; return the final folder.
 
     Collective: every rank calls it. ``extra_state`` must be JSON-serialisable (the
     trainer's data cursor, metrics, ...); ``load_checkpoint`` returns it.
     ``optimizer`` must be a Megatron optimizer (it provides ``sharded_state_dict``).
+    ``keep_last=N`` deletes older complete checkpoints after ``latest`` moved (one writer
+    per root is assumed: leftover ``.tmp_*`` folders of crashed saves are removed too).
     """
     from megatron.core import parallel_state
 
@@ -120,8 +123,8 @@ def save_checkpoint(ckpt_root: str | Path, model_chunks, optimizer=None, *, step
     tmp = root / f"{TMP_PREFIX}{name}"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a crashed earlier attempt at this step
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # crashed earlier saves
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
     state = _model_sharded_state_dict(chunks)
@@ -160,6 +163,11 @@ def save_checkpoint(ckpt_root: str | Path, model_chunks, optimizer=None, *, step
             os.replace(tmp, final)
         _fsync_dir(root)
         atomic_write_text(root / LATEST, name + "\n")
+        if keep_last:
+            done = sorted((p for p in root.glob("iter_*") if is_complete(p)), key=lambda p: p.name)
+            for old_ckpt in done[:-int(keep_last)]:
+                if old_ckpt != final:
+                    shutil.rmtree(old_ckpt, ignore_errors=True)
     _barrier()
     return final
 
@@ -238,6 +246,20 @@ def _materialize_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def _unshare_adam_steps(optimizer) -> None:
+    """Without Apex/TE, Megatron's DistributedOptimizer.load_state_dict gives every
+    parameter the SAME ``step`` tensor; torch's AdamW increments it in place once per
+    parameter, so the bias correction after a resume would be wrong (measured: logits
+    off by ~1 after one step). Give each parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or not hasattr(inner, "state"):
+            continue
+        for st in inner.state.values():
+            if isinstance(st, dict) and "step" in st and hasattr(st["step"], "clone"):
+                st["step"] = st["step"].clone()
+
+
 def check_checkpoint_arch(model, ckpt: Path) -> None:
     """Refuse a checkpoint whose hf_config.json describes another network."""
     from megatron_sz.megatron.arch import arch_from_hf_config
@@ -290,6 +312,7 @@ def load_checkpoint(ckpt_root: str | Path, model_chunks, optimizer=None, *, opt_
             unwrap(c).load_state_dict(loaded[f"model{i}"], strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     if opt_param_scheduler is not None and "opt_param_scheduler" in loaded:
         opt_param_scheduler.load_state_dict(loaded["opt_param_scheduler"])
     out = {"step": int(meta.get("step", 0)), "path": str(ckpt)}

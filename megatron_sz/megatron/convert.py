@@ -131,21 +131,22 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     import torch.distributed as tdist
 
     if tdist.is_initialized():
-        if tdist.get_world_size() != tp * pp:
-            raise UserError(f"running in a world of {tdist.get_world_size()} ranks but tp*pp={tp * pp}",
-                            fix="launch exactly tp*pp ranks, or run without torchrun to spawn them")
+        if tdist.get_world_size() % (tp * pp):
+            raise UserError(f"running in a world of {tdist.get_world_size()} ranks, not a multiple of "
+                            f"tp*pp={tp * pp}", fix="launch tp*pp ranks, or run without torchrun to spawn them")
         path = _hf_to_mcore_rank(tdist.get_rank(), tdist.get_world_size(), *args)
-    elif tp * pp == 1:
+        if tdist.get_rank() == 0:
+            _copy_side_files(hf_dir, out_dir)
+        tdist.barrier()
+        return Path(path)
+    if tp * pp == 1:
         with _world():
             path = _hf_to_mcore_rank(0, 1, *args)
     else:
         from megatron_sz.dist import spawn
 
         path = spawn(_hf_to_mcore_rank, tp * pp, *args)[0]
-    import torch.distributed as tdist2
-
-    if not tdist2.is_initialized() or tdist2.get_rank() == 0:
-        _copy_side_files(hf_dir, out_dir)
+    _copy_side_files(hf_dir, out_dir)
     return Path(path)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_sz.errors import LayoutError
+from megatron_sz.errors import LayoutError, UserError
 from megatron_sz.megatron.arch import ModelArch, check_layout, llama3_inv_freq, parse_hf_config
 from megatron_sz.megatron.cpu_shim import ensure_cpu_shim
 
@@ -148,6 +148,7 @@ def build_model(hf_config: Any, *, tp: int | None = None, pp: int | None = None,
     ``hf_config``: a config dict, an HF folder, or a megatron-sz checkpoint folder.
     ``tp``/``pp`` default to the already-initialised parallel state and must match it.
     ``init_weights=False`` skips random init (faster when weights are loaded next).
+    Built from a checkpoint folder, the vocab padding is the checkpoint's own.
     Each chunk gets ``chunk.hf_config`` (dict), ``chunk.arch`` (ModelArch),
     ``chunk.true_vocab_size`` and ``chunk.padded_vocab_size``.
     """
@@ -167,11 +168,18 @@ def build_model(hf_config: Any, *, tp: int | None = None, pp: int | None = None,
                           fix="call initialize_parallel with the same sizes")
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     check_layout(arch, tp=tp, pp=pp, vpp=vpp or 1)
+    if sequence_parallel and tp > 1 and not have_transformer_engine():
+        from megatron.core.models.gpt import gpt_layer_specs
+
+        if not gpt_layer_specs.HAVE_APEX:
+            raise UserError("sequence_parallel needs TransformerEngine (or NVIDIA Apex) norms; Megatron's "
+                            "torch norms refuse it", where="sequence_parallel",
+                            fix="install transformer-engine on the GPU cluster, or turn sequence_parallel off")
     dtype = resolve_dtype(params_dtype)
     config = transformer_config(arch, tp=tp, pp=pp, vpp=vpp, params_dtype=dtype,
                                 sequence_parallel=sequence_parallel, recompute=recompute,
                                 perform_initialization=init_weights, **config_overrides)
-    padded = arch.padded_vocab_size(tp=tp, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    padded = padded_vocab_size_for(hf_config, arch, tp=tp, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     spec = layer_spec(arch)
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -196,6 +204,22 @@ def build_model(hf_config: Any, *, tp: int | None = None, pp: int | None = None,
         model.padded_vocab_size = padded
         chunks.append(model)
     return chunks
+
+
+def padded_vocab_size_for(source: Any, arch: ModelArch, *, tp: int, make_vocab_size_divisible_by: int = 128) -> int:
+    """Padded vocab rows: a checkpoint's own padding when building from one (so e.g. a
+    TP=3 checkpoint, padded to a multiple of 384, loads at TP=1), else the usual rule."""
+    from pathlib import Path
+
+    if not isinstance(source, dict):
+        from megatron_sz.megatron.checkpoint import latest_checkpoint, read_meta
+
+        p = Path(source)
+        ckpt = latest_checkpoint(p) if p.is_dir() and not (p / "config.json").exists() else None
+        saved = read_meta(ckpt).get("padded_vocab_size") if ckpt is not None else None
+        if saved and int(saved) % tp == 0 and int(saved) >= arch.vocab_size:
+            return int(saved)
+    return arch.padded_vocab_size(tp=tp, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
 
 
 def _mark_tensor_parallel_params(model) -> None:
