@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     b.add_argument("ckpt_dir", help="checkpoint root (follows `latest`) or one iter_* folder")
     b.add_argument("out_dir", help="HF folder to write (must be empty or absent unless --overwrite)")
     b.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="cast tensors on export (default: keep the stored dtype)")
+                   help="dtype of the exported tensors (default: the checkpoint's params dtype)")
     b.add_argument("--max-shard-size-gb", type=float, default=5.0, help="safetensors shard size cap in GB (default 5)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")

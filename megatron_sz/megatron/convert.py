@@ -242,6 +242,38 @@ def _layer_keys(arch) -> dict[str, str]:
     return keys
 
 
+_HF_TO_MCORE_LAYER = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "self_attn.q_proj.weight": "self_attention.linear_qkv.weight",
+    "self_attn.k_proj.weight": "self_attention.linear_qkv.weight",
+    "self_attn.v_proj.weight": "self_attention.linear_qkv.weight",
+    "self_attn.q_proj.bias": "self_attention.linear_qkv.bias",
+    "self_attn.k_proj.bias": "self_attention.linear_qkv.bias",
+    "self_attn.v_proj.bias": "self_attention.linear_qkv.bias",
+    "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
+    "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
+    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "post_attention_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "mlp.gate_proj.weight": "mlp.linear_fc1.weight",
+    "mlp.up_proj.weight": "mlp.linear_fc1.weight",
+    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
+
+
+def megatron_key_for_hf(name: str, *, tied: bool) -> Optional[str]:
+    """The dist-checkpoint key holding HF tensor ``name`` (layers are stacked in one key)."""
+    if name == "model.embed_tokens.weight" or (name == "lm_head.weight" and tied):
+        return "embedding.word_embeddings.weight"
+    if name == "lm_head.weight":
+        return "output_layer.weight"
+    if name == "model.norm.weight":
+        return "decoder.final_layernorm.weight"
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _HF_TO_MCORE_LAYER:
+        return "decoder.layers." + _HF_TO_MCORE_LAYER[parts[3]]
+    return None
+
+
 def _split_qkv(t: torch.Tensor, arch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     d, ng = arch.head_dim, arch.num_query_groups
     qpg = arch.num_attention_heads // ng
@@ -327,6 +359,13 @@ def _export(ckpt: Path, cfg: dict, arch, tmp: Path, *, out_dtype, max_bytes: int
                 offsets[key] = (layer,) + (0,) * (len(shape) - 1)
         read_region(ckpt, request, offsets)
         return {k: (v[0] if keys[k] is not None else v) for k, v in request.items()}
+
+    if out_dtype is None and meta.get("params_dtype"):
+        # one dtype for the whole HF folder: the model's params dtype (Megatron's torch
+        # norms keep fp32 weights inside a bf16 model)
+        from megatron_sz.megatron.model import resolve_dtype
+
+        out_dtype = resolve_dtype(meta["params_dtype"])
 
     def emit(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
         if tuple(t.shape) != tuple(shape):
@@ -451,6 +490,28 @@ def check(hf_dir: str | Path, tp: int = 1, pp: int = 1, tol: float = 1e-4, *, ck
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, arch.vocab_size, (batch, seq), generator=gen)
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    rounded_to = None
+    if ckpt is not None:
+        from megatron_sz.megatron.checkpoint import latest_checkpoint, read_meta
+        from megatron_sz.megatron.model import resolve_dtype
+
+        found = latest_checkpoint(ckpt)
+        if found is None:
+            raise CheckpointError(f"no complete checkpoint in {ckpt}")
+        stored = resolve_dtype(read_meta(found).get("params_dtype", "float32"))
+        if stored != torch.float32:
+            # A bf16 checkpoint holds rounded weights (norms may stay fp32, as Megatron's
+            # torch norms do): round each HF weight like its stored Megatron tensor, still
+            # computing in fp32, so the check tests the mapping and not the rounding.
+            from torch.distributed.checkpoint import FileSystemReader
+
+            saved = FileSystemReader(str(found)).read_metadata().state_dict_metadata
+            with torch.no_grad():
+                for name, p in hf.named_parameters():
+                    key = megatron_key_for_hf(name, tied=arch.tie_word_embeddings)
+                    if key in saved and saved[key].properties.dtype != torch.float32:
+                        p.copy_(p.to(saved[key].properties.dtype).float())
+            rounded_to = str(stored).replace("torch.", "")
     with torch.no_grad():
         ref = hf(input_ids=ids).logits.float()
     del hf
@@ -464,7 +525,7 @@ def check(hf_dir: str | Path, tp: int = 1, pp: int = 1, tol: float = 1e-4, *, ck
         "source": str(source), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
         "ref_max_abs_logit": float(ref.abs().max()),
         "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
-        "tol": tol,
+        "tol": tol, "hf_weights_rounded_to": rounded_to,
     }
     result["ok"] = result["max_abs_diff"] <= tol
     return result
