@@ -220,12 +220,14 @@ def record_to_dict(rec: Any) -> dict:
 # --------------------------------------------------------------------------- JSONL files
 
 
-def iter_jsonl(path: str | Path, cls: type[T] | None = None, *,
-               allow_partial_tail: bool = False) -> Iterator[T]:
-    """Yield records (or dicts if ``cls`` is None) from a JSONL file.
+def iter_jsonl_rows(path: str | Path, *, allow_partial_tail: bool = False,
+                    what: str = "JSON object") -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, obj)`` for each non-blank line, ``where`` being ``file:line``.
 
-    Blank lines are skipped. With ``allow_partial_tail`` a last line without a newline
-    that does not parse (a writer killed mid-line) is dropped instead of raising.
+    The one JSONL reader every file format of the project goes through, so every
+    malformed line gets the same one-line ``file:line`` error. With
+    ``allow_partial_tail`` a last line without a newline that does not parse (a writer
+    killed mid-line) is dropped instead of raising.
     """
     path = Path(path)
     if not path.exists():
@@ -242,7 +244,14 @@ def iter_jsonl(path: str | Path, cls: type[T] | None = None, *,
             if allow_partial_tail and lineno == len(lines) and not line.endswith("\n"):
                 return
             raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", where=where,
-                            fix="each line must be one complete JSON object") from None
+                            fix=f"each line must be one complete {what}") from None
+        yield where, obj
+
+
+def iter_jsonl(path: str | Path, cls: type[T] | None = None, *,
+               allow_partial_tail: bool = False) -> Iterator[T]:
+    """Yield records (or dicts if ``cls`` is None) from a JSONL file (see ``iter_jsonl_rows``)."""
+    for where, obj in iter_jsonl_rows(path, allow_partial_tail=allow_partial_tail):
         yield record_from_dict(cls, obj, where=where) if cls is not None else obj
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_sz.data import iter_jsonl_rows
 from megatron_sz.errors import DataError
 
 BENCHMARKS = ("amc23", "aime24", "aime25", "olympiadbench", "math500", "minerva", "gsm8k")
@@ -82,18 +83,10 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
                             fix="check the file is a Parquet table") from None
         rows = [(f"{path}:row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
     elif suffix in (".jsonl", ".ndjson"):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"invalid JSON ({exc.msg})", where=f"{path}:{lineno}",
-                                fix="each line must be one JSON object") from None
+        for where, obj in iter_jsonl_rows(path):
             if not isinstance(obj, dict):
-                raise DataError("expected a JSON object", where=f"{path}:{lineno}")
-            rows.append((f"{path}:{lineno}", obj))
+                raise DataError("expected a JSON object", where=where)
+            rows.append((where, obj))
     elif suffix == ".json":
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))

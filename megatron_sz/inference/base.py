@@ -189,21 +189,10 @@ def stable_seed(*parts: Any) -> int:
 
 def read_requests(path: str | Path) -> list[GenerationRequest]:
     """Read a request shard; malformed lines raise ``DataError`` naming file:line."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"request shard not found: {path}", fix="check the path")
-    out = []
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", where=where,
-                                fix="each line must be one complete JSON request object") from None
-            out.append(GenerationRequest.from_dict(obj, where=where))
+    from megatron_sz.data import iter_jsonl_rows
+
+    out = [GenerationRequest.from_dict(obj, where=where)
+           for where, obj in iter_jsonl_rows(path, what="JSON request object")]
     check_unique_ids(out, str(path))
     return out
 
@@ -219,11 +208,10 @@ def write_requests(path: str | Path, requests: Iterable[GenerationRequest]) -> i
 
 def read_results(path: str | Path) -> list[GenerationResult]:
     """Read a result shard (a partial last line from a killed writer is ignored)."""
-    from megatron_sz.data import iter_jsonl
+    from megatron_sz.data import iter_jsonl_rows
 
-    path = Path(path)
-    return [GenerationResult.from_dict(o, where=str(path))
-            for o in iter_jsonl(path, allow_partial_tail=True)]
+    return [GenerationResult.from_dict(o, where=where)
+            for where, o in iter_jsonl_rows(path, allow_partial_tail=True)]
 
 
 def run_request_shard(backend: InferenceBackend, requests_jsonl: str | Path,
