@@ -46,15 +46,18 @@ def build_pairs(problems: dict[str, Problem], trajectories: list[Trajectory], *,
         by_pid[t.problem_id].append(t)
     pairs: list[PreferencePair] = []
     stats = {"problems": 0, "all_correct": 0, "all_failed": 0, "mixed": 0, "undecided_samples": 0,
-             "solver_pairs": 0, "reference_pairs": 0, "duplicates_skipped": 0, "unknown_problem": 0}
+             "solver_pairs": 0, "reference_pairs": 0, "duplicates_skipped": 0, "unknown_problem": 0,
+             "empty_samples": 0}
     for pid in sorted(by_pid):
         if pid not in problems:
             stats["unknown_problem"] += 1
             continue
         stats["problems"] += 1
         samples = sorted(by_pid[pid], key=lambda t: t.sample_index)
-        winners = [t.text for t in samples if t.correct is True]
-        losers = [t.text for t in samples if t.correct is False]
+        # An empty completion (EOS at once) cannot be a DPO sequence: it is counted, not paired.
+        stats["empty_samples"] += sum(not t.text.strip() for t in samples)
+        winners = [t.text for t in samples if t.correct is True and t.text.strip()]
+        losers = [t.text for t in samples if t.correct is False and t.text.strip()]
         stats["undecided_samples"] += sum(t.correct is None for t in samples)
         problem = problems[pid]
         prompt = prompt_fn(problem)

@@ -108,7 +108,7 @@ class ParallelSpec:
     nodes: int = 1
     gpus_per_node: int = 1
     sequence_parallel: bool = False
-    use_distributed_optimizer: bool = True  # GPU only; CPU (gloo) always uses the plain optimizer
+    use_distributed_optimizer: bool = True  # Megatron's DistributedOptimizer (state sharded over DP), CPU and GPU
     recompute: Literal["none", "selective", "full"] = "none"
     virtual_pp: int | None = None
 

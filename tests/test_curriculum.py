@@ -207,3 +207,15 @@ def test_seed_select_band_quotas_diversity(rng_seed):
     assert subject_quotas(100, ["A", "B"], {"A": 15, "B": 10}) == {"A": 60, "B": 40}
     # deterministic
     assert [p.id for p in select_seeds(pool, rates, n=n)[0]] == [p.id for p in seeds]
+
+
+def test_pairs_skip_empty_completions():
+    problems = {"p": Problem(id="p", problem="q", answer="1", solution="s")}
+    trajs = [Trajectory(problem_id="p", sample_index=0, text="", correct=False),
+             Trajectory(problem_id="p", sample_index=1, text="  ", correct=True),
+             Trajectory(problem_id="p", sample_index=2, text="wrong", correct=False)]
+    pairs, stats = build_pairs(problems, trajs, prompt_fn=lambda p: p.problem)
+    assert [(x.chosen, x.rejected, x.origin) for x in pairs] == [(reference_text(problems["p"]), "wrong", "reference_winner")]
+    assert stats["empty_samples"] == 2
+    for x in pairs:
+        x.validate()

@@ -328,8 +328,8 @@ def test_bench_script_writes_a_csv_row(env, tmp_path, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="the bf16 + Megatron DDP/DistributedOptimizer path needs a CUDA GPU; the CPU tests run "
-                           "the same loop with the fp32 AdamW path")
+                    reason="bf16 params + fp32 master weights need a CUDA GPU; the CPU tests run the same "
+                           "Megatron DDP/DistributedOptimizer path in fp32")
 def test_dpo_bf16_megatron_optimizer_on_gpu_resumes(env, tmp_path, monkeypatch):
     data = T.write_records(tmp_path / "pairs.jsonl", T.arithmetic_pairs(32, seed=8, wrong="negative"))
     r = recipe(env, "gpu", device="auto", solver={"model": {"dtype": "bf16"}, "dpo": {"eval_fraction": 0.25}})

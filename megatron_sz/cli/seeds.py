@@ -76,7 +76,13 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 #: One register function per ``seeds`` subcommand.
-SUBCOMMANDS = [register_validate]
+def register_select(sub: argparse._SubParsersAction) -> None:
+    from megatron_sz.seed_select import register_select as _register  # logic: megatron_sz/seed_select.py
+
+    _register(sub)
+
+
+SUBCOMMANDS = [register_validate, register_select]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,12 +7,15 @@
 2. Megatron's ``get_forward_backward_func()`` schedule: forward through this rank's
    stage, the objective's fused loss on the last stage, backward, gradient
    accumulation over micro-batches;
-3. gradient sync (DP, tied embeddings across stages), grad norm and clipping;
-4. ONE all-reduce of a small vector: the step's statistic sums, a non-finite count and
-   the preemption flag, read on the host once (``tolist``). This is the only host sync
-   of the step on CPU, and it comes before ``optimizer.step()``: a NaN/inf loss or grad
-   norm stops the job with a clear message and leaves the weights untouched;
-5. the optimizer step at the step's learning rate.
+   after the last backward the schedule runs Megatron's ``finalize_model_grads`` (DP
+   reduce, tied embeddings across stages, TP reduce of QK-norm grads);
+3. ONE all-reduce of a small vector: the step's statistic sums, a non-finite count and
+   the preemption flag, read on the host once (``tolist``). It comes before
+   ``optimizer.step()``: a NaN/inf loss stops the job with a clear message and leaves the
+   weights untouched;
+4. Megatron's optimizer step at the step's learning rate (grad norm, clipping, Adam;
+   the grad norm is its one host read, as in Megatron's own loop). A non-finite grad
+   norm with a finite loss stops the job after it.
 
 Loss scaling: the objective returns its micro-batch loss as a mean over the micro-batch's
 items; the schedule divides by the number of micro-batches and DP averages, so the
@@ -21,6 +24,7 @@ gradient is that of the mean over the global batch (all micro-batches hold
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -125,35 +129,34 @@ class StepEngine:
             stats["nonfinite"] = (~torch.isfinite(loss.detach())).float()
             return loss, stats
 
+        # The schedule ran Megatron's finalize_model_grads after the last backward.
         per_mb = self._run(fn, mbs, seq_len, forward_only=False)
-        opt.finalize_grads()
-        gnorm = opt.clip_and_norm()
         keys = tuple(self.objective.train_keys) + ("nonfinite",)
-        world0 = self.info.world_rank == 0
-        zero = torch.zeros((), device=self.device)
-        gn = gnorm.detach() if (gnorm is not None and world0) else zero
-        gn_bad = (~torch.isfinite(gnorm)).float() if gnorm is not None else zero
         items_t = torch.tensor(float(n_items if (self.info.tp_rank == 0 and self.info.is_last_stage) else 0))
         tokens_t = torch.tensor(float(n_tokens if (self.info.tp_rank == 0 and self.info.is_last_stage) else 0))
         flag = torch.tensor(1.0 if preempt_requested else 0.0)
-        out = self._reduce(per_mb, keys, [items_t, tokens_t, gn, gn_bad, flag])
+        out = self._reduce(per_mb, keys, [items_t, tokens_t, flag])
         n = len(keys)
         sums = dict(zip(keys, out[:n]))
-        items, tokens, grad_norm, gn_bad_v, flag_v = out[n:]
+        items, tokens, flag_v = out[n:]
         bad_loss = sums.pop("nonfinite")
-        if bad_loss > 0 or gn_bad_v > 0:
+        if bad_loss > 0:
             raise NonFiniteLoss(
-                f"non-finite {'loss' if bad_loss > 0 else 'gradient norm'} at this step; the optimizer "
+                "non-finite loss at this step; the optimizer "
                 f"step was NOT applied (weights are those of the last good step)",
                 fix="lower the learning rate, check the data for empty completions, or resume from "
                     "the last checkpoint with a smaller lr / stronger clip_grad")
         stats = {k: v / max(items, 1.0) for k, v in sums.items()}
         stats.update(items=int(items), tokens=int(tokens))
-        gpu_norm = opt.step(lr)
-        if gpu_norm is not None:
-            grad_norm = float(gpu_norm)
-        elif gnorm is None:
-            grad_norm = None
+        grad_norm = opt.step(lr)
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            # Megatron computed the norm inside step(); a NaN/inf grad norm with a finite
+            # loss means the update was skipped (fp16) or is garbage: stop either way.
+            raise NonFiniteLoss(
+                f"non-finite gradient norm ({grad_norm}) at this step with a finite loss",
+                fix="lower the learning rate or resume from the last checkpoint with a smaller lr / "
+                    "stronger clip_grad")
+        grad_norm = None if grad_norm is None else float(grad_norm)
         return StepResult(stats=stats, grad_norm=grad_norm, preempt=flag_v > 0,
                           seconds=time.perf_counter() - t0)
 

@@ -4,8 +4,7 @@ Layout of a job's output dir::
 
     out/
       checkpoint/            Megatron dist checkpoint(s) via the adapter; ``latest`` moves last
-      checkpoint/optim_<step>/rank<r>.pt   CPU optimizer state per rank (GPU: inside the
-                             adapter's checkpoint, Megatron's sharded optimizer state)
+                             (model + Megatron's sharded optimizer state, any host)
       ref_logps.pt           DPO reference log-probs, computed once per round
       metrics.jsonl, summary.json, hf/ (export)
 
@@ -29,10 +28,6 @@ def ckpt_root(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoint"
 
 
-def _optim_file(out_dir: Path, step: int, rank: int) -> Path:
-    return ckpt_root(out_dir) / f"optim_{step:08d}" / f"rank{rank:05d}.pt"
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -47,18 +42,9 @@ def save(out_dir: Path, *, chunks: list, optimizer: mt.TrainOptimizer, step: int
     """Save model (+ optimizer) at ``step`` (= number of completed steps)."""
     from megatron_sz.megatron import save_checkpoint
 
-    if optimizer.checkpointable is None:
-        _atomic_torch_save(optimizer.state_dict(), _optim_file(out_dir, step, world_rank))
-        mt.barrier()
     path = save_checkpoint(str(ckpt_root(out_dir)), chunks, optimizer.checkpointable, step=step,
                            extra_state={**extra, "step": step})
     mt.barrier()
-    if world_rank == 0:  # keep only the optimizer state of the checkpoint `latest` points at
-        for d in ckpt_root(out_dir).glob("optim_*"):
-            if d.name != f"optim_{step:08d}":
-                for f in d.glob("*"):
-                    f.unlink()
-                d.rmdir()
     return str(path)
 
 
@@ -88,12 +74,6 @@ def resume(out_dir: Path, *, chunks: list, optimizer: mt.TrainOptimizer, expect:
                 f"the checkpoint in the output dir was written by {what} "
                 f"({key} {extra.get(key)!r}, this job {expect[key]!r})", where=where,
                 fix="use a fresh --out directory, or re-run with the same recipe, data and layout")
-    if optimizer.checkpointable is None:
-        f = _optim_file(out_dir, int(extra["step"]), world_rank)
-        if not f.exists():
-            raise CheckpointError(f"optimizer state {f.name} for step {extra['step']} is missing",
-                                  where=str(f.parent), fix="resume with the layout that wrote the checkpoint")
-        optimizer.load_state_dict(torch.load(f, map_location="cpu", weights_only=False))
     return extra
 
 
