@@ -9,8 +9,10 @@ Layout of a job's output dir::
       metrics.jsonl, summary.json, hf/ (export)
 
 Resume contract (checked, not assumed): the checkpoint's ``extra_state`` records the job
-kind, the data fingerprint (tokenised items + plan settings), the layout and the step.
-A different kind or different data is an error, never a silent restart.
+kind, the data fingerprint (tokenised items + plan settings, DP size included), the layout
+and the step. A different kind, different data or another DP size is an error, never a
+silent restart. TP and PP may change between runs: the adapter's checkpoint reshards the
+model and Megatron's optimizer state (fp32 Adam moments per parameter).
 """
 from __future__ import annotations
 
@@ -67,6 +69,8 @@ def resume(out_dir: Path, *, chunks: list, optimizer: mt.TrainOptimizer, expect:
         return None
     where = str(ckpt_root(out_dir))
     for key in ("kind", "fingerprint", "layout"):
+        if key == "layout" and key in expect and _same_data_layout(extra.get(key), expect[key]):
+            continue  # TP/PP may change: the adapter resharded model and optimizer state
         if key in expect and extra.get(key) != expect[key]:
             what = {"kind": "another job kind", "fingerprint": "other data or batch settings",
                     "layout": "another TP/PP/DP layout"}[key]
@@ -75,6 +79,12 @@ def resume(out_dir: Path, *, chunks: list, optimizer: mt.TrainOptimizer, expect:
                 f"({key} {extra.get(key)!r}, this job {expect[key]!r})", where=where,
                 fix="use a fresh --out directory, or re-run with the same recipe, data and layout")
     return extra
+
+
+def _same_data_layout(saved: Any, now: Any) -> bool:
+    """Layouts are ``[tp, pp, dp]``; only DP decides which items each rank's data cursor
+    covers, so a checkpoint resumes at any TP/PP with the same DP."""
+    return isinstance(saved, (list, tuple)) and len(saved) == 3 and list(saved)[2] == list(now)[2]
 
 
 def load_ref_logps(path: Path, *, fingerprint: str, n_items: int) -> torch.Tensor:
