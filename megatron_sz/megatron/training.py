@@ -16,10 +16,17 @@ own training loop.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+# Megatron's DistributedOptimizer reads ``.grad`` of its shard views in ``zero_grad`` and
+# calls the c10d collectives torch 2.13 renamed: harmless, but printed every step, they
+# would bury the per-step progress lines users read.
+warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
 
 
 def get_forward_backward_func() -> Callable:
