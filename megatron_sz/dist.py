@@ -46,19 +46,27 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> tupl
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    backend = backend or default_backend()
+    timeout = timedelta(seconds=timeout_s)
+    if env.get("WORLD_SIZE", "1") == "1" and "MASTER_PORT" not in env:
+        # A plain single process (no torchrun/srun): a private rendezvous on a fresh port,
+        # written nowhere in os.environ, so child processes (trainer subprocesses of the
+        # local executor, tests) never inherit a port this process's store still holds.
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        tdist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                 rank=0, world_size=1, timeout=timeout)
+        return 0, 1
     env.setdefault("RANK", "0")
     env.setdefault("WORLD_SIZE", "1")
     env.setdefault("LOCAL_RANK", "0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in env:
-        if int(env["WORLD_SIZE"]) > 1:
-            raise RuntimeError("MASTER_PORT is not set for a multi-process job; launch with torchrun "
-                               "or export MASTER_ADDR/MASTER_PORT in the sbatch script")
-        env["MASTER_PORT"] = str(free_port())
-    backend = backend or default_backend()
+        raise RuntimeError("MASTER_PORT is not set for a multi-process job; launch with torchrun "
+                           "or export MASTER_ADDR/MASTER_PORT in the sbatch script")
     if backend == "nccl":
         torch.cuda.set_device(int(env["LOCAL_RANK"]))
-    tdist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    tdist.init_process_group(backend=backend, timeout=timeout)
     return tdist.get_rank(), tdist.get_world_size()
 
 

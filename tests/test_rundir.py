@@ -81,7 +81,7 @@ def test_submit_dry_run_writes_scripts_and_plan(tmp_path):
     ("s/parallel: {tp: 1, pp: 1, nodes: 1, gpus_per_node: 1}/parallel: {tp: 3, pp: 1, nodes: 1, gpus_per_node: 3}/",
      "num_attention_heads"),
     ("s|config: models/tiny-cpu.json|hf_path: /nonexistent/model|", "not found"),
-    ("s/seeds_from_teacher: 96/seeds_file: bad-seeds.jsonl/", "seed file"),
+    ("s/seeds_from_teacher: 64/seeds_file: bad-seeds.jsonl/", "seed file"),
 ])
 def test_invalid_input_fails_before_submission(tmp_path, edit, needle):
     src = (ROOT / "recipes" / "local-tiny.yaml").read_text()

@@ -50,9 +50,9 @@ def _world():
     if tdist.is_initialized():
         yield tdist.get_rank(), tdist.get_world_size()
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    tdist.init_process_group("gloo", rank=0, world_size=1)
+    # A private rendezvous, not MASTER_PORT in os.environ: child processes started later
+    # (trainers of the local executor) must not inherit a port number from us.
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield 0, 1
     finally:
