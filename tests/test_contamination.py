@@ -17,7 +17,9 @@ def test_planted_overlaps_are_found_and_clean_texts_pass(tmp_path, rng_seed):
     bench = [_sentence(rng, rng.randint(15, 40)) for _ in range(50)]
     bench.append("Find x.")  # shorter than 13 words: compared whole
     clean = [_sentence(rng, rng.randint(15, 40)) for _ in range(40)]
-    planted_ngram = "Consider this: " + " ".join(bench[7].split()[2:15]) + " and then solve for y please."
+    # 13 shared words inside a long unrelated text: an n-gram hit, far from a near-duplicate
+    planted_ngram = ("Consider this: " + " ".join(bench[7].split()[2:15]) + " and then "
+                     + " ".join(f"word{i}" for i in range(60)))
     words = bench[21].split()
     words[3] = "changed"
     planted_near = " ".join(words)
