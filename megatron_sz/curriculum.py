@@ -113,40 +113,29 @@ class DedupIndex:
 
 
 class ContaminationFilter:
-    """Word n-gram overlap test against evaluation problems (the filter hook).
+    """The curriculum's contamination hook: ``evaluation.contamination``'s index, the same
+    detector as ``megatron-sz eval contamination`` (word n-grams, short problems compared
+    whole; near-duplicates only when every 3-gram is shared, since the curriculum's own
+    ``DedupIndex`` handles near-duplicates among its problems).
 
-    ``ContaminationFilter.from_texts(eval_texts, n)``; ``hit(text)`` returns the first
-    shared n-gram (or the normalised text for short problems), else None."""
+    ``ContaminationFilter.from_texts(eval_texts, n)``; ``hit(text)`` returns the shared
+    n-gram (or the normalised text for short problems), else None."""
 
-    def __init__(self, ngrams: set[str], short_texts: set[str], n: int):
-        self.ngrams = ngrams
-        self.short_texts = short_texts
-        self.n = n
+    def __init__(self, index):
+        self.index = index
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], n: int = 13) -> "ContaminationFilter":
-        grams: set[str] = set()
-        short: set[str] = set()
-        for t in texts:
-            w = words(t)
-            if len(w) < n:
-                short.add(" ".join(w))
-            grams.update(" ".join(w[i:i + n]) for i in range(len(w) - n + 1))
-        return cls(grams, short, n)
+        from megatron_sz.evaluation.contamination import ContaminationIndex
+
+        return cls(ContaminationIndex([t for t in texts if t], ngram=n, near_dup_threshold=1.0))
 
     def hit(self, text: str) -> str | None:
-        w = words(text)
-        if len(w) < self.n:
-            key = " ".join(w)
-            return key if key in self.short_texts else None
-        for i in range(len(w) - self.n + 1):
-            g = " ".join(w[i:i + self.n])
-            if g in self.ngrams:
-                return g
-        return None
+        overlap = self.index.check(text)
+        return None if overlap is None else overlap.shared
 
     def __bool__(self) -> bool:
-        return bool(self.ngrams or self.short_texts)
+        return bool(self.index.references)
 
 
 # --------------------------------------------------------------------------- state

@@ -455,8 +455,10 @@ def contamination_filter(ctx: RoundContext):
     held = ctx.rd.prepare_dir / "heldout.jsonl"
     if held.exists():
         texts += [p.problem for p in read_jsonl(held, Problem)]
-    for f in ctx.recipe.curriculum.contamination_files:
-        texts += [o.get("problem", "") for o in iter_jsonl(ctx.recipe.resolve_path(f))]
+    from megatron_sz.evaluation.contamination import load_problem_texts
+
+    for f in ctx.recipe.curriculum.contamination_files:  # any benchmark layout: JSONL/JSON/Parquet
+        texts += load_problem_texts(ctx.recipe.resolve_path(f))
     return ContaminationFilter.from_texts(texts, ctx.recipe.curriculum.contamination_ngram) if texts else None
 
 

@@ -1,7 +1,8 @@
 """Contamination: n-gram and near-duplicate overlap between problem files and benchmarks.
 
-Two detectors, both on normalised text (lower case, LaTeX commands and punctuation
-dropped, numbers kept as tokens):
+Two detectors, both on normalised tokens (``curriculum.words`` after LaTeX commands are
+dropped: NFKC lower case, words, numbers and single symbols such as ``+`` as tokens, so
+"3 + 4" and "3 - 4" stay different):
 
 * **n-gram**: the candidate shares a word n-gram (default 13, the GPT-3 / Llama convention)
   with a benchmark problem. A problem shorter than n words is compared whole instead, so
@@ -22,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _LATEX_CMD = re.compile(r"\\[a-zA-Z]+")
-_TOKEN = re.compile(r"[a-z]+|\d+(?:\.\d+)?")
 
 
 def normalise_tokens(text: str) -> list[str]:
-    text = _LATEX_CMD.sub(" ", text.lower())
-    return _TOKEN.findall(text)
+    from megatron_sz.curriculum import words
+
+    return words(_LATEX_CMD.sub(" ", text))
 
 
 def _ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
