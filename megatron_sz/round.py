@@ -20,7 +20,6 @@ previous round. A stage with no ``after`` depends on the stage written before it
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable

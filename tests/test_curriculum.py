@@ -5,7 +5,6 @@ Pure Python, fresh random inputs per test (rng_seed), checked against brute-forc
 import math
 import random
 
-import pytest
 
 from megatron_sz import curriculum as C
 from megatron_sz.data import Problem, Trajectory

@@ -1,7 +1,5 @@
 """Benchmark files in the public layouts, bad-file errors, and a tiny end-to-end eval on CPU."""
 import json
-import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +7,6 @@ import pytest
 from megatron_sz.cli import main
 from megatron_sz.errors import DataError
 from megatron_sz.evaluation.benchmarks import infer_benchmark_name, load_benchmark
-from megatron_sz.verify import is_equivalent
 
 FIX = Path(__file__).parent / "fixtures" / "benchmarks"
 

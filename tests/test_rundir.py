@@ -1,5 +1,4 @@
 """Run directory: markers, idempotent stages, refusal of a different recipe, plan structure, dry-run plans."""
-import json
 import os
 import subprocess
 import sys

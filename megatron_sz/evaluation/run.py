@@ -18,7 +18,6 @@ shard) scores whatever shards are complete and says which are missing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +273,3 @@ def backend_spec_from_args(kind: str, *, endpoints: list[str] | None, model: str
 def write_settings(out_dir: Path, settings: EvalSettings, benchmark_files: list[str]) -> None:
     atomic_write_json(Path(out_dir) / "settings.json", {**settings.to_dict(), "benchmark_files": benchmark_files})
 
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
