@@ -328,7 +328,9 @@ def test_fused_dpo_random(rng_seed, backend):
         close(m["chosen_rewards"], cr.mean(), tol, f"{tag} chosen_rewards", floor=fl)
         close(m["rejected_rewards"], rj.mean(), tol, f"{tag} rejected_rewards", floor=fl)
         close(m["reward_margins"], (cr - rj).mean(), tol, f"{tag} margins", floor=fl)
-        close(m["nll_loss"], nll, tol, f"{tag} nll")
+        # the NLL can be ~1e-5 (log-probs near 0, e.g. V=2 at T=0.5): fp32 log-sum-exp of O(1)
+        # logits is only exact to ~1e-7 absolute, so judge it on the scale of the loss (0.1)
+        close(m["nll_loss"], nll, tol, f"{tag} nll", floor=0.1)
         if bool(((cr - rj).abs() > 1e-2).all()):
             close(m["reward_accuracy"], (cr > rj).double().mean(), 1e-6, f"{tag} accuracy")
 
