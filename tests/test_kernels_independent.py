@@ -94,9 +94,10 @@ def ref_wsft(h, w, y, sw, *, normalization, ignore_index, temperature=1.0, vocab
 
 
 # ===================================================================== helpers
-def close(actual, expected, tol, name, floor=1e-3):
+def close(actual, expected, tol, name, floor=0.1):
     """max|a-e| <= tol * (max|e| + floor): a scale-relative bound; NaN/inf never pass.
-    ``floor`` covers results that are small by cancellation of O(floor) fp32 terms."""
+    ``floor`` covers results that are small by cancellation or saturation of O(1) fp32
+    terms (e.g. log-probs ~1e-4 at V=2, T=0.5 are exact to ~1e-7 absolute, not 1e-9)."""
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
     assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(e.shape)}"
