@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -70,38 +71,132 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> tupl
     return tdist.get_rank(), tdist.get_world_size()
 
 
+def _watch_parent(conn) -> None:
+    """Exit this process as soon as the parent is gone (killed with SIGKILL included).
+
+    Two mechanisms, because either alone has a gap: Linux's PR_SET_PDEATHSIG delivers
+    SIGKILL when the parent thread dies; the pipe works everywhere: the parent holds
+    the only write end, so a blocking read returns EOF the moment the parent exits."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def wait_for_eof() -> None:
+        try:
+            conn.recv()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)  # the parent is gone (or sent a word: it never does): stop now
+
+    threading.Thread(target=wait_for_eof, name="msz-parent-watch", daemon=True).start()
+
+
 def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple,
-            results: Any) -> None:
+            result_path: str, parent_conn: Any, parent_pid: int) -> None:
+    import pickle
+
+    _watch_parent(parent_conn)
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
     import torch.distributed as tdist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    code = 0
     try:
         init_from_env(backend)
-        out = fn(rank, world_size, *args)
-        results[rank] = ("ok", out)
+        record = ("ok", fn(rank, world_size, *args))
     except BaseException as exc:  # report to the parent instead of hanging it
-        results[rank] = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        raise
+        from megatron_sz.errors import UserError
+
+        text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        record = ("error", exc if isinstance(exc, UserError) else None, text)
+        code = 1
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
+    tmp = f"{result_path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(record, f)
+    except Exception as exc:  # an unpicklable return value
+        with open(tmp, "wb") as f:
+            pickle.dump(("error", None, f"rank {rank}: cannot send the result back: {exc}"), f)
+        code = 1
+    os.replace(tmp, result_path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def spawn(fn: Callable, world_size: int, *args: Any, backend: str | None = None) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes; return results."""
-    import torch.multiprocessing as mp
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes; return results.
+
+    No ``multiprocessing.Manager`` (its server process outlived a SIGKILLed parent, about
+    220 MB each, issue 20): results come back as pickle files in a temporary folder, and
+    every worker exits when the parent dies (death signal + a pipe it watches). When one
+    rank fails, the others are terminated; a ``UserError`` raised in a rank is re-raised
+    here as is, anything else as a ``RuntimeError`` carrying the rank's traceback."""
+    import multiprocessing as mp
+    import pickle
+    import tempfile
+    from multiprocessing.connection import wait
 
     backend = backend or default_backend()
     ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
-    results = manager.dict()
-    try:
-        mp.start_processes(_worker, args=(world_size, free_port(), backend, fn, args, results),
-                           nprocs=world_size, join=True, start_method="spawn")
-    except Exception as exc:
-        errors = [v[1] for v in results.values() if v[0] == "error"]
-        raise RuntimeError("distributed worker failed:\n" + ("\n".join(errors) or str(exc))) from None
-    out = [results[r][1] for r in range(world_size)]
-    manager.shutdown()
-    return out
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="msz-spawn-") as tmp:
+        procs, writers, failed = [], [], None
+        try:
+            for rank in range(world_size):
+                reader, writer = ctx.Pipe(duplex=False)
+                path = os.path.join(tmp, f"rank{rank}.pkl")
+                p = ctx.Process(target=_worker, name=f"msz-rank{rank}",
+                                args=(rank, world_size, port, backend, fn, args, path, reader, os.getpid()))
+                p.start()
+                reader.close()  # the child holds the only read end; ours would hide the EOF
+                procs.append(p)
+                writers.append(writer)
+            pending = {p.sentinel: p for p in procs}
+            while pending and failed is None:
+                for sentinel in wait(list(pending)):
+                    p = pending.pop(sentinel)
+                    p.join()
+                    if p.exitcode != 0:
+                        failed = p
+        finally:
+            for p in procs:  # a failed rank or an interrupt here: stop the others, leave none behind
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            for w in writers:
+                w.close()
+        records = []
+        for rank in range(world_size):
+            path = os.path.join(tmp, f"rank{rank}.pkl")
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    records.append(pickle.load(f))
+            else:
+                records.append(("error", None, f"rank {rank} exited with code {procs[rank].exitcode} "
+                                               "and no result"))
+    errors = [(rank, r) for rank, r in enumerate(records) if r[0] == "error"]
+    for _, r in errors:
+        if r[1] is not None:
+            raise r[1]
+    if errors:
+        # The rank that failed first explains it; the others were terminated because of it.
+        first = [r for rank, r in errors if procs[rank] is failed] or [r for _, r in errors]
+        raise RuntimeError("distributed worker failed:\n" + "\n".join(r[2] for r in first))
+    return [r[1] for r in records]
