@@ -8,6 +8,8 @@ Public API (see each module for details):
   simpo).
 * :func:`fused_linear_dpo_loss` - the same straight from hidden states (grads in forward).
 * :func:`fused_linear_wsft_loss` - weighted SFT straight from hidden states.
+* :func:`fused_linear_pg_loss` - PPO-clipped policy gradient (GRPO / REINFORCE++ / ADPO
+  objectives; KL, entropy bonus, aggregation modes) straight from hidden states.
 
 Every op takes ``backend="auto"|"triton"|"torch"`` ($MEGATRON_SZ_KERNEL_BACKEND forces
 one), ``tp_group`` (explicit; ``None`` = no tensor parallelism) and ``vocab_size`` (the
@@ -24,6 +26,7 @@ _EXPORTS = {
     "linear_logprobs": "logprobs", "sequence_logprobs": "logprobs",
     "dpo_loss": "dpo", "fused_linear_dpo_loss": "dpo", "DPOOptions": "dpo",
     "fused_linear_wsft_loss": "wsft",
+    "fused_linear_pg_loss": "pg", "PGOptions": "pg",
     "resolve_backend": "_common", "BACKEND_ENV": "_common", "CHUNK_ENV": "_common",
 }
 __all__ = list(_EXPORTS)

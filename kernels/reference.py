@@ -101,3 +101,95 @@ def ref_fused_linear_wsft_loss(hidden, weight, labels, sample_weights, *, normal
     if normalization == "token":
         return (w * nll).sum() / n.sum().clamp(min=1)
     raise ValueError(normalization)
+
+
+def ref_fused_linear_pg_loss(hidden, weight, labels, *, old_logps, advantages, loss_mask=None,
+                             clip_low=0.2, clip_high=0.2, clip_c=None, ref_logps=None,
+                             kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
+                             aggregation="token-mean", norm_constant=None, denominator=None,
+                             ignore_index=-100, temperature=1.0, vocab_size=None):
+    """float64 PPO-clipped policy-gradient loss: hidden [B, T, H], labels [B, T] -> (loss,
+    metrics). Materialises logits; entropy = -Σ p log p; derivatives come from autograd.
+    ``advantages`` / ``clip_high`` may be per sequence [B]; log-ratios are clamped to
+    [-20, 20] before ``exp`` (as the fused op and veRL do)."""
+    b, t = labels.shape
+    h = hidden.double().reshape(b * t, -1)
+    logits = h @ weight.double().t() / temperature
+    if vocab_size is not None and vocab_size < logits.shape[1]:
+        logits[:, vocab_size:] = float("-inf")
+    logsm = torch.log_softmax(logits, dim=-1)
+    real = logsm[:, :vocab_size] if vocab_size is not None else logsm   # padding: p = 0
+    ent = -(real.exp() * real).sum(-1).view(b, t)
+    y = labels.long()
+    known = y != ignore_index
+    logp = logsm.gather(1, torch.where(known, y, 0).reshape(-1, 1)).view(b, t)
+
+    def per_tok(x):
+        x = torch.as_tensor(x, dtype=torch.float64)
+        if x.dim() == 1 and x.shape[0] == b and (b != t or x.numel() != b * t):
+            x = x[:, None]
+        return x.expand(b, t).double()
+
+    old = per_tok(old_logps)
+    adv = per_tok(advantages)
+    lo = 1 - per_tok(clip_low)
+    hi = 1 + per_tok(clip_high)
+    mask = per_tok(1.0 if loss_mask is None else loss_mask)
+    m = torch.where(known, mask, torch.zeros_like(mask))
+    valid = m != 0
+
+    ratio = torch.exp(torch.clamp(logp - old, -20, 20))
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, min=lo, max=hi)
+    pg = torch.maximum(unclipped, clipped)
+    if clip_c is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * clip_c), pg)
+    loss_tok = pg
+    kl = None
+    if ref_logps is not None:
+        d = logp - per_tok(ref_logps)
+        if kl_estimator == "k1":
+            kl = d
+        elif kl_estimator == "k2":
+            kl = 0.5 * d ** 2
+        else:
+            dc = torch.clamp(d, -20, 20)
+            kl = torch.exp(-dc) - 1 + dc
+        loss_tok = loss_tok + kl_coef * kl
+    loss_tok = loss_tok - entropy_coef * ent
+    contrib = torch.where(valid, m * loss_tok, torch.zeros_like(loss_tok))
+    n_b = m.sum(-1)
+    seqs = (n_b > 0).sum().double()
+    if aggregation == "token-mean":
+        den = m.sum() if denominator is None else denominator
+        loss = contrib.sum() / den if den > 0 else contrib.sum() * 0
+    elif aggregation == "seq-mean-token-sum":
+        den = seqs if denominator is None else denominator
+        loss = contrib.sum() / den if den > 0 else contrib.sum() * 0
+    elif aggregation == "seq-mean-token-mean":
+        den = seqs if denominator is None else denominator
+        per_seq = torch.where(n_b > 0, contrib.sum(-1) / n_b.clamp(min=1e-300),
+                              torch.zeros_like(n_b))
+        loss = per_seq.sum() / den if den > 0 else per_seq.sum() * 0
+    elif aggregation == "seq-mean-token-sum-norm":
+        c = t if norm_constant is None else norm_constant
+        den = b if denominator is None else denominator
+        loss = contrib.sum() / (den * c)
+    else:
+        raise ValueError(aggregation)
+    cnt = valid.sum().double()
+
+    def mean(x):
+        return torch.where(valid, x, torch.zeros_like(x)).sum().detach() / max(float(cnt), 1.0)
+
+    lr = torch.clamp(logp - old, -20, 20)
+    metrics = {
+        "entropy": mean(ent), "ratio": mean(ratio), "approx_kl": mean(torch.exp(lr) - 1 - lr),
+        "kl_ref": mean(kl) if kl is not None else torch.zeros((), dtype=torch.float64),
+        "clipfrac_low": mean(((ratio < lo) & (adv < 0)).double()),
+        "clipfrac_high": mean(((ratio > hi) & (adv > 0)).double()),
+        "masked_share": 1 - cnt / known.sum().clamp(min=1) if known.any()
+        else torch.zeros((), dtype=torch.float64),
+        "tokens": cnt,
+    }
+    return loss, metrics
