@@ -29,87 +29,38 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
-import unicodedata
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from megatron_sz.data import Problem
+# One text-similarity implementation for the whole tree (dedup, contamination, seeds);
+# re-exported here for the curriculum's callers.
+from megatron_sz.textsim import ShingleIndex, exact_key, jaccard, normalize_text, shingles  # noqa: F401
 
 ZONES = ("mastered", "learning", "too_hard")
-_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
-# --------------------------------------------------------------------------- text keys
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case, NFKC, whitespace collapsed: the key for exact duplicates."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    return " ".join(text.split())
-
-
-def exact_key(text: str) -> str:
-    return hashlib.sha1(normalize_text(text).encode("utf-8")).hexdigest()
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(normalize_text(text))
-
-
-def shingles(text: str, n: int = 3) -> set[str]:
-    w = words(text)
-    if len(w) < n:
-        return {" ".join(w)} if w else set()
-    return {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)}
-
-
-def jaccard(a: set, b: set) -> float:
-    if not a and not b:
-        return 1.0
-    inter = len(a & b)
-    return inter / (len(a) + len(b) - inter)
-
+# --------------------------------------------------------------------------- duplicates
 
 class DedupIndex:
-    """Exact + near-duplicate index over problem statements.
-
-    Near duplicates: exact Jaccard of word 3-grams, with candidates found through an
-    inverted index (shingle -> ids), so adding N problems costs about N x (shingles x
-    posting length), not N^2 full comparisons."""
+    """Exact + near-duplicate index over problem statements (``textsim.ShingleIndex``):
+    exact Jaccard of word 3-grams, candidates found through an inverted index."""
 
     def __init__(self, threshold: float = 0.9, n: int = 3):
         self.threshold = threshold
         self.n = n
-        self._exact: dict[str, str] = {}
-        self._shingles: dict[str, set[str]] = {}
-        self._postings: dict[str, list[str]] = defaultdict(list)
+        self._index = ShingleIndex(shingle_n=n)
 
     def add(self, pid: str, text: str) -> None:
-        self._exact.setdefault(exact_key(text), pid)
-        sh = shingles(text, self.n)
-        self._shingles[pid] = sh
-        for s in sh:
-            self._postings[s].append(pid)
+        self._index.add(pid, text)
 
     def find(self, text: str) -> tuple[str, str, float] | None:
         """(kind, other_id, similarity) of the first duplicate, or None."""
-        other = self._exact.get(exact_key(text))
+        other = self._index.exact(text)
         if other is not None:
             return ("exact", other, 1.0)
-        sh = shingles(text, self.n)
-        counts: dict[str, int] = defaultdict(int)
-        for s in sh:
-            for pid in self._postings.get(s, ()):
-                counts[pid] += 1
-        best = None
-        for pid in sorted(counts):
-            inter = counts[pid]
-            sim = inter / (len(sh) + len(self._shingles[pid]) - inter)
-            if sim >= self.threshold and (best is None or sim > best[2]):
-                best = ("near", pid, sim)
-        return best
+        hit = self._index.similar(text, self.threshold)
+        return None if hit is None else ("near", hit[0], hit[1])
 
 
 class ContaminationFilter:

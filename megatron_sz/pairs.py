@@ -89,8 +89,18 @@ def build_pairs(problems: dict[str, Problem], trajectories: list[Trajectory], *,
     return pairs, stats
 
 
-def gaussian_weight(success_rate: float, *, mu: float = 0.5, sigma: float = 0.2) -> float:
-    """U(s) = exp(-(s - mu)^2 / (2 sigma^2)); the paper's generator weight."""
+def gaussian_weight(success_rate: float, mu: float = 0.5, sigma: float = 0.2) -> float:
+    """U(s) = exp(-(s - mu)^2 / (2 sigma^2)); the paper's generator weight, s being the
+    updated solver's success rate on the new problem. The one implementation (the
+    trainer's weight check imports it from here).
+
+    >>> [round(gaussian_weight(k / 8), 3) for k in range(5)]
+    [0.044, 0.172, 0.458, 0.823, 1.0]
+    """
+    if not (0.0 <= success_rate <= 1.0):
+        raise ValueError(f"success rate {success_rate!r} must be in [0, 1]")
+    if sigma <= 0:
+        raise ValueError("sigma must be > 0")
     return math.exp(-((success_rate - mu) ** 2) / (2.0 * sigma * sigma))
 
 

@@ -390,6 +390,8 @@ class SlurmRoleSpec:
     qos: str | None = None
     env_setup: list[str] = field(default_factory=list)  # shell lines run before the step (module load, venv, ...)
     container: str | None = None  # container image (pyxis --container-image) for this role
+    # Interpreter of this role's jobs (default: slurm.python; see SlurmSpec.python).
+    python: str | None = None
     array_throttle: int = 4  # at most this many array tasks at once (%N)
     extra_sbatch: list[str] = field(default_factory=list)  # raw '#SBATCH' option lines, e.g. "--exclusive"
 
@@ -411,12 +413,25 @@ class SlurmSpec:
     generator: SlurmRoleSpec = field(default_factory=lambda: SlurmRoleSpec(partition="generator"))
     signal_seconds: int = 120  # --signal=B:USR1@N: checkpoint this long before the time limit
     requeue: bool = True
-    python: str = "python3"  # interpreter on the compute nodes
+    # Interpreter on the compute nodes. Default (null): the absolute path of the interpreter
+    # that ran `submit`, unless a role names its own environment (env_setup or container:
+    # then `python3` as that environment puts it on PATH). Jobs that picked up whatever
+    # python3 was on the node's PATH failed with "No module named megatron_sz.kernels"
+    # while submit reported success (issue 20).
+    python: str | None = None
+    # Before submitting, check that each role's environment imports megatron_sz: "local"
+    # runs env_setup + the interpreter on this machine (container roles are skipped),
+    # "srun" runs the same check as a one-task job on each role's partition, "none" skips.
+    preflight: Literal["local", "srun", "none"] = "local"
     chain: Literal["all", "round"] = "all"  # submit every round's chain at once (dependencies), or one round per submit
 
     def check(self) -> None:
         if self.signal_seconds < 0:
             raise ValueError("field 'signal_seconds' must be >= 0 (0: no --signal)")
+        for name, value in [("python", self.python)] + [(f"{r}.python", getattr(self, r).python)
+                                                        for r in ("solver", "teacher", "generator")]:
+            if value is not None and not value.strip():
+                raise ValueError(f"field '{name}' is empty; leave it out to use the interpreter that runs submit")
 
 
 @dataclass

@@ -241,16 +241,6 @@ def solver_rollouts(ctx: RoundContext, shard: int | None) -> dict:
 def _solver_backend(ctx, model_path: str, spec, *, seed: int):
     from megatron_sz.inference import make_backend
 
-    if spec.kind == "local":
-        # The trainer prepends BOS whenever the tokenizer has one (train/data.encode_example);
-        # sample from the same distribution it was trained on.
-        from megatron_sz.inference.local import LocalBackend
-        from megatron_sz.tokenizer import load_tokenizer
-
-        tok_path = ctx.tokenizer_path or model_path
-        add_bos = load_tokenizer(tok_path).bos_id is not None
-        return LocalBackend(model_path, tokenizer_path=tok_path, seed=seed, batch_size=spec.batch_size,
-                            add_bos=add_bos)
     return make_backend(spec, model_path=model_path, tokenizer_path=ctx.tokenizer_path, seed=seed)
 
 

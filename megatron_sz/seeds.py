@@ -409,50 +409,13 @@ def _check_answers(report: SeedReport, entries: list[tuple[int, Problem, str | N
 
 # --------------------------------------------------------------------------- duplicates
 
-_LATEX_CMD = re.compile(r"\\([a-zA-Z]+)")
-_NON_WORD = re.compile(r"[^a-z0-9]+")
-
-
-def normalise_problem(text: str) -> str:
-    """Lower-case; `$`, backslashes, braces and punctuation dropped (LaTeX command names stay
-    as words); whitespace collapsed."""
-    t = text.lower().replace("$", " ")
-    t = _LATEX_CMD.sub(lambda m: " " + m.group(1) + " ", t)
-    return " ".join(_NON_WORD.sub(" ", t).split())
-
-
-def word_ngrams(text: str, n: int = 3) -> set[tuple[str, ...]]:
-    words = normalise_problem(text).split()
-    if len(words) < n:
-        return {tuple(words)} if words else set()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-def jaccard(a: set, b: set) -> float:
-    if not a and not b:
-        return 1.0
-    return len(a & b) / len(a | b)
-
-
 def find_near_duplicates(texts: list[str], *, threshold: float = 0.7,
                          n: int = 3) -> list[tuple[int, int, float]]:
-    """Index pairs (i < j) with n-gram Jaccard >= threshold (1.0 for normalised-equal)."""
-    norms = [normalise_problem(t) for t in texts]
-    grams = [word_ngrams(t, n) for t in texts]
-    out = []
-    for j in range(len(texts)):
-        for i in range(j):
-            if norms[i] == norms[j]:
-                out.append((i, j, 1.0))
-                continue
-            # cheap size bound: |A&B|/|A|B| <= min/max
-            small, big = sorted((len(grams[i]), len(grams[j])))
-            if big and small / big < threshold:
-                continue
-            s = jaccard(grams[i], grams[j])
-            if s >= threshold:
-                out.append((i, j, s))
-    return out
+    """Index pairs (i < j) with word n-gram Jaccard >= threshold (1.0 for normalised-equal);
+    ``textsim`` is the one similarity implementation (curriculum dedup, contamination)."""
+    from megatron_sz.textsim import near_duplicate_pairs
+
+    return near_duplicate_pairs(texts, threshold=threshold, n=n)
 
 
 def _check_duplicates(report: SeedReport, entries: list[tuple[int, Problem, str | None]], *,

@@ -256,6 +256,11 @@ def write_hf_tokenizer_files(tok: SentencePieceTokenizer, out_dir: str | os.Path
     atomic_write_json(out / "special_tokens_map.json", specials)
 
 
+#: Smallest vocab_size ``train_sentencepiece`` accepts with the default user symbol ("\n"):
+#: 94 printable ASCII characters + the whitespace piece + 4 specials + 256 byte pieces + 1.
+MIN_TRAINED_VOCAB = 94 + 1 + 4 + 256 + 1
+
+
 def train_sentencepiece(texts: Iterable[str], out_dir: str | os.PathLike | None, *,
                         vocab_size: int = 512, seed: int = 0,
                         user_symbols: Iterable[str] = ("\n",)) -> SentencePieceTokenizer:
@@ -268,9 +273,6 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | os.PathLike | None,
     """
     import sentencepiece as spm
 
-    if vocab_size < 300:
-        raise UserError(f"vocab_size={vocab_size} is too small for a byte-fallback tokenizer",
-                        fix="use vocab_size >= 300 (256 byte pieces + specials + characters)")
     sentences = [t for t in texts if isinstance(t, str) and t.strip()]
     if not sentences:
         raise UserError("no text to train the tokenizer on", fix="pass a non-empty iterable of strings")
@@ -282,22 +284,35 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | os.PathLike | None,
             chunks.append(t)
         else:
             chunks.extend(line for line in t.split("\n") if line.strip())
-    model = io.BytesIO()
     required = string.digits + string.ascii_letters + string.punctuation
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(chunks), model_writer=model,
+    user_symbols = list(user_symbols)
+    # sentencepiece's own minimum: every required character plus the whitespace piece, the
+    # 4 specials, 256 byte pieces and the user symbols must fit (it says "Vocabulary size is
+    # smaller than required_chars" otherwise; other characters of the text add to it).
+    minimum = MIN_TRAINED_VOCAB - 1 + len(user_symbols)
+    if vocab_size < minimum:
+        raise UserError(f"vocab_size={vocab_size} is too small for a byte-fallback tokenizer with "
+                        f"{len(set(required))} required characters", where="tokenizer.vocab_size",
+                        fix=f"use vocab_size >= {minimum}")
+    # Every required character must occur in the training text: sentencepiece 0.2.2's BPE
+    # trainer aborts the whole process (bpe_model_trainer.cc:45 "Check failed: freq > 0")
+    # on a required character of frequency 0. One extra sentence holding them all makes
+    # the input valid for every 0.2.x release (0.2.0-0.2.3 checked).
+    chunks.append(" ".join(required))
+    options = dict(
         vocab_size=vocab_size, model_type="bpe",
         split_digits=True, byte_fallback=True,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
-        user_defined_symbols=list(user_symbols),
+        user_defined_symbols=user_symbols,
         required_chars=required, character_coverage=1.0,
         hard_vocab_limit=False, num_threads=1, shuffle_input_sentence=False,
         max_sentence_length=8192, minloglevel=2,
     )
-    tok = SentencePieceTokenizer(model.getvalue(), source="<trained>",
+    model_bytes = _train_in_child(chunks, options)
+    tok = SentencePieceTokenizer(model_bytes, source="<trained>",
                                  meta={"bos_id": BOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID})
     tok.train_seed = seed
     if out_dir is not None:
@@ -305,6 +320,50 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | os.PathLike | None,
         tok.source = str(Path(out_dir) / SP_MODEL)
     return tok
 
+
+
+def _train_in_child(chunks: list[str], options: dict) -> bytes:
+    """Run SentencePiece training in a forked child and return the model bytes.
+
+    SentencePiece reports some bad inputs with a C++ ``CHECK`` that aborts the whole
+    process (a core dump, not an exception). Training in a child turns any such abort
+    into a ``UserError`` here, naming the installed version; the parent loses nothing."""
+    import sentencepiece as spm
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: train, write "ok"/"error" + payload, exit without cleanup
+        os.close(read_fd)
+        code = 0
+        try:
+            model = io.BytesIO()
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(chunks), model_writer=model, **options)
+            payload = b"K" + model.getvalue()
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            payload = b"E" + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+            code = 1
+        try:
+            with os.fdopen(write_fd, "wb") as fh:
+                fh.write(payload)
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as fh:
+        payload = fh.read()
+    _, status = os.waitpid(pid, 0)
+    if payload.startswith(b"K") and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return payload[1:]
+    version = getattr(spm, "__version__", "?")
+    if payload.startswith(b"E"):
+        msg = payload[1:].decode("utf-8", "replace").strip().splitlines()[-1][:300]
+        raise UserError(f"SentencePiece training failed: {msg}",
+                        fix="raise tokenizer.vocab_size (every distinct character of the text needs a piece), "
+                            "or check the training text")
+    how = (f"was killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+           else f"exited with code {os.WEXITSTATUS(status)}")
+    raise UserError(f"SentencePiece {version} training aborted (the trainer process {how})",
+                    fix="install sentencepiece>=0.2.3 (pip install 'sentencepiece>=0.2.3,<0.3'), "
+                        "or pass an existing tokenizer")
 
 # --------------------------------------------------------------------------- Hugging Face
 

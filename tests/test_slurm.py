@@ -121,3 +121,74 @@ def test_submit_round_scancel_resubmit(slurm_cluster, tmp_path):
     assert res.returncode == 0 and "nothing to submit" in res.stdout
     status = json.loads(_cli(env, "status", str(run), "--json").stdout)
     assert all(s["done"] for s in status["rounds"][0]["stages"])
+
+
+# --------------------------------------------------------------------------- environments (issue 20)
+
+_PARTS = {"solver": {"partition": "solver", "time": "00:20:00", "array_throttle": 2},
+          "teacher": {"partition": "teacher", "time": "00:20:00", "array_throttle": 2},
+          "generator": {"partition": "generator", "time": "00:20:00"}}
+
+
+def _fake_python_path(tmp_path: Path) -> str:
+    """A PATH whose first python3 is not the one that has megatron-sz (the venv not activated)."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    for name in ("python3", "python"):
+        p = shim / name
+        p.write_text("#!/bin/sh\necho 'fake python: not the submitting interpreter' >&2\nexit 3\n")
+        p.chmod(0o755)
+    return f"{shim}:/usr/bin:/bin"
+
+
+def test_submit_refuses_an_interpreter_that_cannot_import_the_package(tmp_path):
+    env = dict(os.environ, PATH=_fake_python_path(tmp_path))
+    recipe = micro_recipe(tmp_path, slurm={**_PARTS, "python": "python3"})
+    run = tmp_path / "run"
+    res = _cli(env, "submit", str(recipe), "--run-dir", str(run))
+    err = res.stderr.strip()
+    assert res.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "partition 'solver'" in err and "slurm.python" in err and "fake python" in err, err
+    assert not run.exists(), "a refused submit must not create (and freeze) the run directory"
+    # The same recipe passes when the role names an interpreter that has the package.
+    ok = micro_recipe(tmp_path, slurm={**_PARTS, "python": "python3",
+                                       "solver": {**_PARTS["solver"], "python": sys.executable}})
+    res = _cli(env, "submit", str(ok), "--run-dir", str(run), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "partition 'teacher'" in res.stderr  # still wrong for the teacher: a dry run warns
+    script = (run / "slurm" / "scripts" / "r000-prepare.sbatch").read_text()
+    assert f"{sys.executable} -m megatron_sz stage" in script
+
+
+def _status(env, run: Path) -> dict:
+    res = _cli(env, "status", str(run), "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_jobs_use_the_submitting_interpreter_and_status_shows_failed_logs(slurm_cluster, tmp_path):
+    env = {**slurm_cluster, "PATH": _fake_python_path(tmp_path)}
+    # 1. No interpreter in the recipe: the jobs run the one that ran submit, whatever is on PATH.
+    (tmp_path / "a").mkdir()
+    run = tmp_path / "a" / "run"
+    res = _cli(env, "submit", str(micro_recipe(tmp_path / "a", slurm=dict(_PARTS))), "--run-dir", str(run))
+    assert res.returncode == 0, res.stderr
+    t0 = time.time()
+    while not _status(env, run)["rounds"][0]["stages"][0]["done"]:
+        assert time.time() - t0 < 300 and _queue(env, run), "prepare never finished\n" + _logs(run)
+        time.sleep(2)
+    subprocess.run(["scancel", *{j["job_id"] for j in _jobs(run)}], env=env, check=False)
+    _wait_empty(env, run, 120)
+    # 2. The recipe forces the wrong python3 and turns the check off: the first job fails, and
+    # status shows where its log is and what it said.
+    (tmp_path / "b").mkdir()
+    run = tmp_path / "b" / "run"
+    recipe = micro_recipe(tmp_path / "b", slurm={**_PARTS, "python": "python3", "preflight": "none"})
+    res = _cli(env, "submit", str(recipe), "--run-dir", str(run))
+    assert res.returncode == 0, res.stderr
+    _wait_empty(env, run, 120)
+    prepare = _status(env, run)["rounds"][0]["stages"][0]
+    assert not prepare["done"] and prepare["log"]["path"].startswith(str(run / "slurm" / "logs"))
+    assert any("fake python" in line for line in prepare["log"]["tail"]), prepare
+    text = _cli(env, "status", str(run)).stdout
+    assert f"log {prepare['log']['path']}" in text and "fake python: not the submitting interpreter" in text

@@ -139,3 +139,24 @@ def test_loader_errors(tmp_path):
         train_sentencepiece(["", "  "], None)
     with pytest.raises(UserError, match="too small"):
         train_sentencepiece(["abc"], None, vocab_size=100)
+
+
+def test_training_on_text_missing_required_chars_works():
+    """sentencepiece 0.2.2 aborted the process on required characters of frequency 0
+    (bpe_model_trainer.cc:45); the trainer's input now always holds every one of them."""
+    tok = train_sentencepiece(["1 2 3", "4 5 6 7 8 9 0"], None, vocab_size=400)
+    assert tok.decode(tok.encode("Zebra {x}? ~")) == "Zebra {x}? ~"
+
+
+def test_trainer_abort_becomes_a_user_error(monkeypatch):
+    """Whatever sentencepiece does inside (a C++ CHECK aborting), the caller gets a
+    UserError and keeps running: training happens in a forked child."""
+    import os
+
+    import sentencepiece as spm
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", staticmethod(lambda **kw: os.abort()))
+    with pytest.raises(UserError, match="aborted.*signal 6"):
+        train_sentencepiece(["some text here"], None, vocab_size=400)
+    with pytest.raises(UserError, match=r"vocab_size >= 356"):
+        train_sentencepiece(["some text here"], None, vocab_size=355)

@@ -22,8 +22,10 @@ def register(sub) -> None:
     p.set_defaults(func=_main)
 
 
-def open_run(recipe_path: str, run_dir: str | None, *, dry_run: bool = False):
-    """Load + validate the recipe (preflight), then create or reopen the run directory."""
+def open_run(recipe_path: str, run_dir: str | None, *, dry_run: bool = False, validate=None):
+    """Load + validate the recipe (preflight, then ``validate(recipe)`` if given), then create
+    or reopen the run directory. Everything is checked before the directory exists: a run
+    dir frozen from a rejected invocation would refuse the corrected recipe."""
     from pathlib import Path
 
     from megatron_sz.executor.preflight import preflight
@@ -34,6 +36,8 @@ def open_run(recipe_path: str, run_dir: str | None, *, dry_run: bool = False):
     recipe = load_recipe(recipe_path)
     for w in preflight(recipe, missing_paths_ok=dry_run):
         print(f"warning: {w} (a real submit will refuse this)")
+    if validate is not None:
+        validate(recipe)
     root = run_dir or recipe.run_dir or str(Path("runs") / recipe.name)
     text = Path(resolve_resource(recipe_path, "recipes")).read_text(encoding="utf-8")
     rd = RunDir.create_or_open(root, recipe_text=text, recipe_source=recipe.source,
@@ -41,17 +45,23 @@ def open_run(recipe_path: str, run_dir: str | None, *, dry_run: bool = False):
     return rd, rd.load_recipe()
 
 
+def check_rounds(rounds: int | None, recipe) -> None:
+    from megatron_sz.errors import UserError
+
+    n = recipe.rounds if rounds is None else rounds
+    if n < 1:
+        where = "--rounds" if rounds is not None else f"{recipe.source}: rounds"
+        raise UserError(f"the number of rounds must be >= 1, got {n}", where=where, fix="pass --rounds 3")
+
+
 def _main(args) -> int:
     import os
 
-    from megatron_sz.errors import UserError
     from megatron_sz.executor.local import run_local
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    rd, recipe = open_run(args.recipe, args.run_dir)
+    rd, recipe = open_run(args.recipe, args.run_dir, validate=lambda r: check_rounds(args.rounds, r))
     rounds = recipe.rounds if args.rounds is None else args.rounds
-    if rounds < 1:
-        raise UserError(f"--rounds {rounds} must be >= 1", where="--rounds", fix="pass --rounds 3")
     print(f"megatron-sz evolve: recipe {recipe.source}, run dir {rd.root}, {rounds} round(s)", flush=True)
     run_local(rd, recipe, rounds=rounds, progress=not args.no_progress)
     return 0

@@ -56,11 +56,31 @@ def collect(rd, recipe, rounds: int) -> dict:
                         if jid not in finished_cache:
                             finished_cache[jid] = S.scontrol_state(jid)
                         st["slurm"] = finished_cache[jid] or "gone"
+                _attach_failed_log(rd, st, rec["job_id"], live, (t, s.name))
             stages.append(st)
         metrics = rd.round_dir(t) / "metrics.json"
         out["rounds"].append({"round": t, "stages": stages,
                               "metrics": json.loads(metrics.read_text()) if metrics.exists() else None})
     return out
+
+
+def _attach_failed_log(rd, st: dict, job_id: str, live: dict, key: tuple) -> None:
+    """A stage not done whose job (or an array task) is no longer alive: its log path and tail."""
+    from megatron_sz.executor import slurm as S
+
+    if st["done"]:
+        return
+    if "shards" in st:
+        for sh in st["shards"]:
+            if not sh["done"] and (*key, sh["shard"]) not in live:
+                log = S.job_log(rd, job_id, sh["shard"])
+                if log:
+                    st["log"] = {"shard": sh["shard"], **log}
+                    return
+    elif st.get("slurm", "").split(" ")[0] in S.FAILED_STATES:
+        log = S.job_log(rd, job_id)
+        if log:
+            st["log"] = log
 
 
 def _main(args) -> int:
@@ -95,4 +115,8 @@ def _main(args) -> int:
             if s.get("seconds") is not None:
                 extra.append(f"{s['seconds']:.0f}s")
             print(f"  {s['stage']:<11} {s['role']:<10} {mark:<5} {'  '.join(extra)}")
+            if s.get("log"):
+                print(f"    log {s['log']['path']}:")
+                for line in s["log"]["tail"]:
+                    print(f"      {line}")
     return 0

@@ -25,16 +25,33 @@ def register(sub) -> None:
 
 
 def _main(args) -> int:
-    from megatron_sz.cli.evolve import open_run
+    import sys
+
+    from megatron_sz.cli.evolve import check_rounds, open_run
     from megatron_sz.errors import UserError
     from megatron_sz.executor import slurm as S
 
-    rd, recipe = open_run(args.recipe, args.run_dir, dry_run=args.dry_run)
+    notes: list[str] = []
+
+    def validate(recipe) -> None:
+        check_rounds(args.rounds, recipe)
+        # Every job must import the package, or the first one fails, --kill-on-invalid-dep cancels
+        # the rest, and submit reported success (issue 20): check each role's environment first.
+        try:
+            notes.extend(S.check_environments(recipe, ["solver", "teacher", "generator"],
+                                              mode="local" if args.dry_run and recipe.slurm.preflight == "srun"
+                                              else None))
+        except UserError as err:
+            if not args.dry_run:
+                raise
+            notes.append(f"{err} (a real submit refuses this)")
+
+    rd, recipe = open_run(args.recipe, args.run_dir, dry_run=args.dry_run, validate=validate)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     if args.chain:
         recipe.slurm.chain = args.chain
     rounds = recipe.rounds if args.rounds is None else args.rounds
-    if rounds < 1:
-        raise UserError(f"--rounds {rounds} must be >= 1", where="--rounds", fix="pass --rounds 3")
     if not args.dry_run and not S.have_slurm():
         raise UserError("sbatch/squeue not found", fix="run on a SLURM login node, or pass --dry-run")
     live = S.live_tasks(rd) if S.have_slurm() else {}

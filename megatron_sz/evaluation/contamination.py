@@ -1,8 +1,8 @@
 """Contamination: n-gram and near-duplicate overlap between problem files and benchmarks.
 
-Two detectors, both on normalised tokens (``curriculum.words`` after LaTeX commands are
-dropped: NFKC lower case, words, numbers and single symbols such as ``+`` as tokens, so
-"3 + 4" and "3 - 4" stay different):
+Two detectors, both on ``textsim.tokens`` (NFKC lower case, markup dropped; words,
+numbers and single symbols such as ``+`` as tokens, so "3 + 4" and "3 - 4" stay
+different), through ``textsim.ShingleIndex``:
 
 * **n-gram**: the candidate shares a word n-gram (default 13, the GPT-3 / Llama convention)
   with a benchmark problem. A problem shorter than n words is compared whole instead, so
@@ -17,24 +17,10 @@ contamination``.
 """
 from __future__ import annotations
 
-import re
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-_LATEX_CMD = re.compile(r"\\[a-zA-Z]+")
-
-
-def normalise_tokens(text: str) -> list[str]:
-    from megatron_sz.curriculum import words
-
-    return words(_LATEX_CMD.sub(" ", text))
-
-
-def _ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
-    if len(tokens) < n:
-        return {tuple(tokens)} if tokens else set()
-    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+from megatron_sz.textsim import ShingleIndex, jaccard, ngrams, shingles, tokens
 
 
 @dataclass
@@ -55,45 +41,25 @@ class ContaminationIndex:
         self.references = list(reference_texts)
         self.n = ngram
         self.threshold = near_dup_threshold
-        self._ngram_index: dict[tuple[str, ...], list[int]] = defaultdict(list)
-        self._shingle_index: dict[tuple[str, ...], list[int]] = defaultdict(list)
-        self._shingles: list[set[tuple[str, ...]]] = []
-        for i, text in enumerate(self.references):
-            toks = normalise_tokens(text)
-            for g in _ngrams(toks, self.n):
-                self._ngram_index[g].append(i)
-            sh = _ngrams(toks, 3)
-            self._shingles.append(sh)
-            for g in sh:
-                self._shingle_index[g].append(i)
+        self._index = ShingleIndex(shingle_n=3, long_n=ngram).add_all(enumerate(self.references))
 
     def check(self, text: str, candidate_index: int = 0) -> Overlap | None:
-        """The strongest overlap of ``text`` with any reference, or None if clean."""
-        toks = normalise_tokens(text)
-        if not toks:
+        """The strongest overlap of ``text`` with any reference, or None if clean:
+        a near-duplicate (highest Jaccard) first, else the first shared long n-gram."""
+        if not tokens(text):
             return None
-        shingles = _ngrams(toks, 3)
-        counts: dict[int, int] = defaultdict(int)
-        for g in shingles:
-            for r in set(self._shingle_index.get(g, ())):
-                counts[r] += 1
-        best: Overlap | None = None
-        for r, inter in counts.items():
-            union = len(shingles) + len(self._shingles[r]) - inter
-            jac = inter / union if union else 0.0
-            if jac >= self.threshold and (best is None or jac > best.score):
-                best = Overlap(candidate_index, r, "near_duplicate", jac, " ".join(next(iter(shingles & self._shingles[r]))))
-        for g in _ngrams(toks, self.n):
-            refs = self._ngram_index.get(g)
-            if refs:
-                r = refs[0]
-                inter = counts.get(r, 0)
-                union = len(shingles) + len(self._shingles[r]) - inter
-                jac = inter / union if union else 0.0
-                if best is None or best.kind != "near_duplicate":
-                    best = Overlap(candidate_index, r, "ngram", jac, " ".join(g))
-                break
-        return best
+        sh = shingles(text, 3)
+        sims = self._index.similarities(text)
+        near = self._index.similar(text, self.threshold)
+        if near is not None:
+            r, jac = near
+            shared = sorted(sh & self._index.shingles_of(r))
+            return Overlap(candidate_index, r, "near_duplicate", jac, " ".join(shared[0]) if shared else "")
+        hit = self._index.shared_ngram(text)
+        if hit is not None:
+            r, g = hit
+            return Overlap(candidate_index, r, "ngram", sims.get(r, 0.0), " ".join(g))
+        return None
 
     def report(self, texts: list[str]) -> list[Overlap]:
         out = []
@@ -102,6 +68,9 @@ class ContaminationIndex:
             if hit is not None:
                 out.append(hit)
         return out
+
+
+__all__ = ["ContaminationIndex", "Overlap", "load_problem_texts", "jaccard", "ngrams"]
 
 
 def load_problem_texts(path: str | Path) -> list[str]:

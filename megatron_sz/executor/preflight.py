@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_sz.errors import DataError, LayoutError, RecipeError, UserError
+from megatron_sz.errors import DataError, LayoutError, RecipeError
 
 
 _LENIENT: list[str] | None = None  # --dry-run: missing paths become warnings collected here
@@ -155,5 +155,3 @@ def _preflight(recipe) -> None:
     from megatron_sz.rollout import resolve_template
 
     resolve_template(recipe.solver.rollout.prompt_template)
-    if recipe.slurm.python.strip() == "":
-        raise UserError("slurm.python is empty", where="slurm.python", fix="set it to the compute nodes' python")

@@ -34,6 +34,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +248,30 @@ def _array_spec(indices: list[int], throttle: int) -> str:
     return ",".join(runs) + f"%{throttle}"
 
 
+def interpreter(recipe, role: str) -> tuple[str, str]:
+    """The Python a role's jobs run, and where that choice comes from (for messages).
+
+    ``slurm.<role>.python``, else ``slurm.python``, else ``python3`` when the role names its
+    own environment (``env_setup`` or ``container``: it decides which python3 is on PATH),
+    else the absolute path of the interpreter running ``submit``: a job must not depend on
+    what happens to be first on the compute node's PATH (issue 20)."""
+    rs = getattr(recipe.slurm, role)
+    if rs.python:
+        return rs.python, f"slurm.{role}.python"
+    if recipe.slurm.python:
+        return recipe.slurm.python, "slurm.python"
+    if rs.env_setup or rs.container:
+        return "python3", f"python3 of slurm.{role}.{'container' if rs.container else 'env_setup'}"
+    return sys.executable, "the interpreter that ran submit"
+
+
+def launcher(recipe, role: str) -> str:
+    python, source = interpreter(recipe, role)
+    # A recipe's value is a shell word list on purpose (e.g. "apptainer exec img python3");
+    # our own default is one path, quoted in case it has spaces.
+    return shlex.quote(python) if source == "the interpreter that ran submit" else python
+
+
 def render_job(rd: RunDir, recipe, job: PlannedJob) -> str:
     s = job.stage
     rs = getattr(recipe.slurm, s.role)
@@ -299,12 +324,106 @@ def render_job(rd: RunDir, recipe, job: PlannedJob) -> str:
         "signal_seconds": recipe.slurm.signal_seconds,
         "srun_options": " ".join(srun),
         "container_options": container,
-        "launcher": recipe.slurm.python,
+        "launcher": launcher(recipe, s.role),
         "round": job.round,
         "stage": s.name,
         "requeue": "yes" if recipe.slurm.requeue else "no",
     }
     return render(_template(s.role), values)
+
+
+# --------------------------------------------------------------------------- environments
+
+IMPORT_CHECK = "import megatron_sz, megatron_sz.kernels"
+
+
+def _env_check_script(recipe, role: str, workdir: str) -> str:
+    rs = getattr(recipe.slurm, role)
+    lines = [f"cd {shlex.quote(workdir)}", *rs.env_setup, f"exec {launcher(recipe, role)} -c {shlex.quote(IMPORT_CHECK)}"]
+    return "\n".join(lines)
+
+
+def _last_line(text: str) -> str:
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def check_environments(recipe, roles: list[str], *, mode: str | None = None) -> list[str]:
+    """Refuse (``UserError``) when a role's job environment cannot import megatron_sz.
+
+    ``local`` (default) runs each role's ``env_setup`` lines and interpreter here, in the
+    submit directory, the way the job script will (sbatch exports this shell's environment
+    to the job); roles in a container are listed as unchecked. ``srun`` runs the same check
+    as a one-task job on each role's partition (container included). Returns notes."""
+    mode = mode or recipe.slurm.preflight
+    notes: list[str] = []
+    if mode == "none":
+        return notes
+    workdir = os.getcwd()
+    seen: dict[tuple, str] = {}
+    for role in dict.fromkeys(roles):
+        rs = getattr(recipe.slurm, role)
+        python, source = interpreter(recipe, role)
+        key = (mode, python, tuple(rs.env_setup), rs.container, rs.partition if mode == "srun" else "")
+        if key in seen:
+            continue
+        script = _env_check_script(recipe, role, workdir)
+        if mode == "srun":
+            cmd = ["srun", f"--partition={rs.partition}", "--nodes=1", "--ntasks=1", "--time=5",
+                   f"--job-name=msz-env-check-{role}"]
+            cmd += [f"--account={rs.account}"] if rs.account else []
+            cmd += [f"--qos={rs.qos}"] if rs.qos else []
+            if rs.container:
+                cmd += [f"--container-image={rs.container}", f"--container-mounts={workdir}:{workdir}"]
+            cmd += ["bash", "-c", script]
+        elif rs.container:
+            notes.append(f"slurm.{role}: container {rs.container} not checked here "
+                         "(set slurm.preflight: srun to check it on its partition)")
+            seen[key] = role
+            continue
+        else:
+            cmd = ["bash", "-c", script]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600 if mode == "srun" else 180)
+            ok, why = res.returncode == 0, _last_line(res.stderr or res.stdout)
+        except FileNotFoundError:
+            ok, why = False, f"{cmd[0]} not found"
+        except subprocess.TimeoutExpired:
+            ok, why = False, "the check did not finish in time"
+        if not ok:
+            setup = f" after slurm.{role}.env_setup" if rs.env_setup else ""
+            raise UserError(
+                f"jobs on partition {rs.partition!r} ({role} stages) would run {python} ({source}){setup}, "
+                f"which cannot import megatron_sz ({mode} check: {why})", where=f"slurm.{role}",
+                fix=f"install megatron-sz into that interpreter, or set slurm.{role}.python (or slurm.python) "
+                    f"to one that has it, or name the environment in slurm.{role}.env_setup "
+                    f"(e.g. 'source VENV/bin/activate') or slurm.{role}.container; "
+                    f"slurm.preflight: none skips this check")
+        seen[key] = role
+    return notes
+
+
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                 "PREEMPTED", "gone"}
+
+
+def job_log(rd: RunDir, job_id: str, shard: int | None = None, *, lines: int = 5) -> dict | None:
+    """``{"path", "tail"}`` of a job's (or array task's) log in RUN/slurm/logs, or None if it
+    never wrote one (e.g. cancelled before it started). ``tail``: the last non-empty lines."""
+    logs = rd.slurm_dir / "logs"
+    pattern = f"*-{job_id}_{shard}.out" if shard is not None else f"*-{job_id}.out"
+    found = sorted(logs.glob(pattern)) if logs.is_dir() else []
+    if not found:
+        return None
+    path = found[-1]
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 16384))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    tail = [x for x in text.splitlines() if x.strip()][-lines:]
+    return {"path": str(path), "tail": tail}
 
 
 # --------------------------------------------------------------------------- submission

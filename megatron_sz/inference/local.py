@@ -51,7 +51,7 @@ class LocalBackend(InferenceBackend):
     name = "local"
 
     def __init__(self, model_path: str | Path, *, tokenizer_path: str | Path | None = None,
-                 seed: int = 0, batch_size: int = 32, device: str = "cpu", add_bos: bool = False,
+                 seed: int = 0, batch_size: int = 32, device: str = "cpu", add_bos: bool | None = None,
                  threads: int | None = None, model: Any = None, tokenizer: Any = None):
         super().__init__()
         import torch
@@ -63,7 +63,6 @@ class LocalBackend(InferenceBackend):
         self.seed = int(seed)
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
-        self.add_bos = add_bos
         if model is None:
             mp = Path(model_path)
             if not (mp / "config.json").is_file():
@@ -72,6 +71,10 @@ class LocalBackend(InferenceBackend):
             model = AutoModelForCausalLM.from_pretrained(str(mp), dtype=torch.float32)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer or load_tokenizer(tokenizer_path or model_path)
+        # None (the default): prepend BOS exactly when the trainer does, i.e. whenever the
+        # tokenizer has one (train/data.encode_example), so every caller (rounds, eval,
+        # generate) samples from the distribution the model was trained on.
+        self.add_bos = (self.tokenizer.bos_id is not None) if add_bos is None else bool(add_bos)
         eos = {int(self.tokenizer.eos_id)}
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if isinstance(gen_eos, int):
