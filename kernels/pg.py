@@ -135,7 +135,7 @@ if _HAVE_TRITON:
         if ENTROPY:
             mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
             ecoef = tl.load(ecoef_ptr + rows, mask=row_ok, other=0.0)
-            dz = dz - ecoef[:, None] * tl.where(mask, p * (z - mu[:, None]), 0.0)
+            dz = dz - ecoef[:, None] * p * tl.where(mask, z - mu[:, None], 0.0)
         dz = tl.where(mask, dz * inv_temp, 0.0)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :],
                  dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_in[None, :])
