@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-OPS = ("dpo", "wsft", "logprobs")
+OPS = ("dpo", "wsft", "logprobs", "pg")
 PROVIDERS = ("ours", "eager", "compile", "liger")
 CSV_FIELDS = ("op", "provider", "mode", "shape", "dtype", "metric", "unit", "p20", "p50", "p80",
               "device", "date", "commit")
@@ -35,7 +35,7 @@ DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "bench_kernels.csv"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ops", default="dpo,wsft,logprobs",
+    p.add_argument("--ops", default="dpo,wsft,logprobs,pg",
                    help=f"comma-separated ops to time, from {', '.join(OPS)}")
     p.add_argument("--providers", default=None,
                    help="comma-separated providers from ours, eager, compile, liger "
@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=int, default=None,
                    help="vocabulary size V (default 151936 on GPU, 1000 on CPU)")
     p.add_argument("--seq-len", type=int, default=1024,
-                   help="sequence length T for the DPO/WSFT ops; N/T sequences (T is "
+                   help="sequence length T for the DPO/WSFT/PG ops; N/T sequences (T is "
                         "capped at N/2 so DPO has at least one pair)")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
                    help="input dtype (default bf16 on GPU, fp32 on CPU)")
@@ -108,6 +108,11 @@ def _make_inputs(torch, op, n, h, v, t, dtype, device, seed):
         extra["ref_r"] = (-torch.rand(b, generator=g) * 100 * t / 64).to(device)
     if op == "wsft":
         extra["sw"] = torch.rand(seqs, generator=g).to(device)
+    if op == "pg":
+        # behaviour log-probs near the policy's (ratios around 1, some clipped), one
+        # advantage per sequence: a GRPO step
+        extra["old"] = (-torch.rand(seqs, t, generator=g) * 8).to(device)
+        extra["adv"] = torch.randn(seqs, generator=g).to(device)
     return hidden.requires_grad_(), weight.requires_grad_(), labels, extra
 
 
@@ -137,17 +142,34 @@ def _eager_fn(torch, op):
         tok, _ = token_logp(hidden, weight, labels)
         return tok.sum()
 
-    return {"dpo": dpo, "wsft": wsft, "logprobs": logprobs}[op]
+    def pg(hidden, weight, labels, old, adv):
+        # the same loss as our row: clipped ratio (0.2), entropy bonus 0.01, token-mean
+        logits = (hidden @ weight.t()).float()
+        logp_all = torch.log_softmax(logits, dim=-1)
+        valid = labels != -100
+        tok = logp_all.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        ratio = torch.exp(tok - old)
+        a = adv[:, None]
+        pg_tok = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2)) - 0.01 * ent
+        return (pg_tok * valid).sum() / valid.sum().clamp(min=1)
+
+    return {"dpo": dpo, "wsft": wsft, "logprobs": logprobs, "pg": pg}[op]
 
 
 def _ours_fn(op, backend):
-    from megatron_sz.kernels import fused_linear_dpo_loss, fused_linear_wsft_loss, linear_logprobs
+    from megatron_sz.kernels import (fused_linear_dpo_loss, fused_linear_pg_loss,
+                                     fused_linear_wsft_loss, linear_logprobs)
 
     if op == "dpo":
         return lambda h, w, y, ref_c, ref_r: fused_linear_dpo_loss(
             h, w, y, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, backend=backend)[0]
     if op == "wsft":
         return lambda h, w, y, sw: fused_linear_wsft_loss(h, w, y, sw, backend=backend)
+    if op == "pg":
+        return lambda h, w, y, old, adv: fused_linear_pg_loss(
+            h, w, y, old_logps=old, advantages=adv, clip_low=0.2, clip_high=0.2,
+            entropy_coef=0.01, backend=backend)[0]
     return lambda h, w, y: linear_logprobs(h, w, y, backend=backend).sum()
 
 
@@ -164,6 +186,22 @@ def _liger_fn(op):
                 return out[0] if isinstance(out, tuple) else out
 
             return f
+        if op == "pg":
+            import torch
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+            # token-mean ("bnpo"), no reference model; Liger has no entropy bonus, so its
+            # row does slightly less work than ours
+            grpo = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo",
+                                            epsilon_low=0.2, epsilon_high=0.2)
+
+            def p(h, w, y, old, adv):
+                mask = (y != -100).to(h.dtype)
+                out = grpo(h, w, torch.where(y == -100, 0, y), mask, adv,
+                           old_per_token_logps=old)
+                return out[0] if isinstance(out, tuple) else out
+
+            return p
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         mod = LigerFusedLinearCrossEntropyLoss(reduction="sum")

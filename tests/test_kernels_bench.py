@@ -17,10 +17,10 @@ def test_bench_kernels_cli_appends_long_format_rows(tmp_path, capsys):
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == list(CSV_FIELDS)
     combos = {(r["op"], r["provider"], r["metric"]) for r in rows}
-    for op in ("dpo", "wsft", "logprobs"):
+    for op in ("dpo", "wsft", "logprobs", "pg"):
         for prov in ("ours", "eager"):
             assert (op, prov, "time") in combos and (op, prov, "throughput_6NHV") in combos
-    assert len(rows) == 2 * 3 * 2 + 2 * 2        # (time, tflops) x ops x providers, then wsft again
+    assert len(rows) == 2 * 4 * 2 + 2 * 2        # (time, tflops) x ops x providers, then wsft again
     for r in rows:
         assert float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) and float(r["p50"]) > 0
         assert r["shape"].startswith("N=32,H=16,V=300") and r["date"] and r["commit"]
