@@ -232,8 +232,7 @@ def iter_jsonl_rows(path: str | Path, *, allow_partial_tail: bool = False,
     path = Path(path)
     if not path.exists():
         raise DataError(f"file not found: {path}", fix="check the path")
-    with path.open("r", encoding="utf-8") as fh:
-        lines = fh.readlines()
+    lines = read_text_lines(path, allow_partial_tail=allow_partial_tail)
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -248,7 +247,30 @@ def iter_jsonl_rows(path: str | Path, *, allow_partial_tail: bool = False,
         yield where, obj
 
 
-def iter_jsonl(path: str | Path, cls: type[T] | None = None, *,
+def read_text_lines(path: str | Path, *, allow_partial_tail: bool = False, fix: str | None = None) -> list[str]:
+    """The lines of a UTF-8 text file (with their newlines). A byte sequence that is not
+    UTF-8 is a ``DataError`` naming ``file:line`` and the column, not a byte offset into
+    the file. A leading byte-order mark is dropped. With ``allow_partial_tail`` a last line
+    without a newline (a writer killed mid-character) may be undecodable and is dropped."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    out = []
+    chunks = raw.splitlines(keepends=True)
+    for lineno, chunk in enumerate(chunks, start=1):
+        try:
+            out.append(chunk.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            if allow_partial_tail and lineno == len(chunks) and not chunk.endswith(b"\n"):
+                break
+            col = len(chunk[:exc.start].decode("utf-8", errors="replace")) + 1
+            raise DataError(f"not UTF-8 text (byte 0x{chunk[exc.start]:02x} at column {col}: {exc.reason})",
+                            where=f"{path}:{lineno}", fix=fix or "save the file as UTF-8") from None
+    return out
+
+
+def iter_jsonl(path: str | Path, cls: type[T] | tuple | None = None, *,
                allow_partial_tail: bool = False) -> Iterator[T]:
     """Yield records (or dicts if ``cls`` is None) from a JSONL file (see ``iter_jsonl_rows``)."""
     for where, obj in iter_jsonl_rows(path, allow_partial_tail=allow_partial_tail):
@@ -339,5 +361,6 @@ class JsonlAppender:
     def __enter__(self) -> "JsonlAppender":
         return self
 
+            # One line is parsed at a time, so the decoder's column is the column in this line.
     def __exit__(self, *exc: Any) -> None:
         self.close()

@@ -210,11 +210,10 @@ def validate_seed_file(path: str | Path, *, expected_counts: dict[str, int] | No
     report = SeedReport(path=str(path), expected_counts=dict(expected_counts)
                         if expected_counts is not None else None,
                         levels=tuple(levels) if levels is not None else None)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", where=str(path),
-                        fix="save the seed file as UTF-8 JSONL") from None
+    from megatron_sz.data import read_text_lines
+
+    # file:line and column of a non-UTF-8 byte, not a byte offset into the file (issue 20)
+    lines = [x.rstrip("\r\n") for x in read_text_lines(path, fix="save the seed file as UTF-8 JSONL")]
     report.n_lines = len(lines)
 
     # 1. per-line schema; keep (line, Problem, answer_code) for the later checks

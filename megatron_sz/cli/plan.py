@@ -85,6 +85,17 @@ def _pick(flag, value):
     return value if flag is None else flag
 
 
+def _batch_error(job: dict, src: dict | None, err: LayoutError) -> LayoutError:
+    if not src or not str(err.where or "").endswith(".global_batch_size"):
+        return err
+    dp = job["dp"] or job["world_size"] // (job["tp"] * job["pp"])
+    per = src["micro_batch_size"] * dp
+    up = -(-src["global_batch_size"] // per) * per
+    return LayoutError(f"global_batch_size {src['global_batch_size']} {src['unit']} is not divisible by "
+                       f"micro_batch_size*dp = {src['micro_batch_size']}*{dp} = {per}", where=src["where"],
+                       fix=f"use a multiple of {per} (e.g. {up}), or another dp")
+
+
 def _recipe_jobs(args) -> list[dict]:
     from megatron_sz.recipe import load_recipe
 
@@ -102,8 +113,15 @@ def _recipe_jobs(args) -> list[dict]:
         seqs_per_mb = 2 if role == "solver" else 1  # DPO: chosen + rejected
         mbs = _pick(args.mbs, train.micro_batch_size * seqs_per_mb)
         gbs = _pick(args.gbs, train.global_batch_size * seqs_per_mb)
+        section_name = f"{role}.{'dpo' if role == 'solver' else 'wsft'}"
+        # The planner counts sequences; batch errors are reported in the recipe's own fields and
+        # units (a DPO pair is two sequences), not as DPO-doubled numbers of solver.parallel.
+        batch_source = None if (args.mbs or args.gbs) else dict(
+            where=f"{recipe.source}: {section_name}.global_batch_size",
+            unit="pairs" if role == "solver" else "examples",
+            micro_batch_size=train.micro_batch_size, global_batch_size=train.global_batch_size)
         jobs.append(dict(
-            hf_config=cfg, label=f"{recipe.name} / {role} ({'DPO' if role == 'solver' else 'weighted SFT'})",
+            batch_source=batch_source, hf_config=cfg, label=f"{recipe.name} / {role} ({'DPO' if role == 'solver' else 'weighted SFT'})",
             where=where,
             tp=_pick(args.tp, par.tp), pp=_pick(args.pp, par.pp),
             virtual_pp=_pick(args.vpp, par.virtual_pp),
@@ -141,17 +159,24 @@ def run(args) -> int:
                      vocab_divisible_by=args.vocab_divisible_by or 128)]
     plans = []
     for job in jobs:
+        batch_source = job.pop("batch_source", None)
         try:
             plans.append(plan_layout(**job, fused_loss=not args.materialised_logits, attention=args.attention,
                                      gpu_memory_gib=args.gpu_mem))
         except LayoutError as err:
+            err = _batch_error(job, batch_source, err)
             if len(jobs) > 1:
                 raise LayoutError(f"{job['label']}: {err}") from None
-            raise
+            raise err from None
     if args.json:
         doc = plans[0].to_dict() if len(plans) == 1 else {"plans": [p.to_dict() for p in plans]}
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print("\n\n".join(p.format_text() for p in plans))
+    if any(p.fits is False for p in plans):
+        # A plan that does not fit the GPU the user named is a failed check, not a report (issue 20).
+        print(f"error: the layout does not fit in --gpu-mem {args.gpu_mem:g} GiB (see the table above)",
+              file=sys.stderr)
+        return 1
     return 0

@@ -88,7 +88,12 @@ class HFReader:
         self._safe_open = safe_open
         index = self.dir / "model.safetensors.index.json"
         if index.exists():
-            self.where = {k: self.dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+            try:
+                self.where = {k: self.dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"not a valid safetensors index ({type(exc).__name__}: {exc})",
+                                      where=str(index), fix="re-save the checkpoint, or remove the broken index "
+                                                            "of a single-file model") from None
         else:
             files = sorted(self.dir.glob("*.safetensors"))
             if not files:
@@ -96,10 +101,19 @@ class HFReader:
                                       fix="save the HF model with save_pretrained(safe_serialization=True)")
             self.where = {}
             for f in files:
-                with safe_open(f, framework="pt") as h:
+                with self._open(f) as h:
                     for k in h.keys():
                         self.where[k] = f
         self._handles: dict[Path, object] = {}
+
+    def _open(self, f: Path):
+        """``safe_open``, with a damaged or foreign file reported as one CheckpointError line."""
+        try:
+            return self._safe_open(f, framework="pt")
+        except Exception as exc:  # SafetensorError (bad header), OSError; the library's type is private
+            raise CheckpointError(f"not a readable safetensors file ({str(exc).splitlines()[0][:200]})",
+                                  where=str(f), fix="re-download or re-save the checkpoint "
+                                                    "(save_pretrained(safe_serialization=True))") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -113,7 +127,7 @@ class HFReader:
                                   fix="the HF checkpoint is incomplete or of another architecture")
         f = self.where[name]
         if f not in self._handles:
-            self._handles[f] = self._safe_open(f, framework="pt")
+            self._handles[f] = self._open(f)
         return self._handles[f]
 
     def shape(self, name: str) -> tuple[int, ...]:

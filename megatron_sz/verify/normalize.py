@@ -49,6 +49,9 @@ _FACTORIAL = re.compile(r"(\d+)\s*\}?\s*\)?\s*!")
 _COMBINATORIAL = re.compile(r"\\binom|\\choose|!|\\Gamma|\\sum|\\prod|factorial|gamma")
 _DIGITS = re.compile(r"\d+")
 _NUMERIC_POWER = re.compile(r"\d\s*\^\s*\{?\s*(\d+)")   # 10^{9}: base is a number
+# \sum_{k=1}^{N} / \prod_{k=1}^{N}: the ^ is an upper bound, not an exponent (issue 20).
+_BIG_OPERATOR = re.compile(r"\\(sum|prod)\s*(?:_\s*(?:\{[^{}]*\}|\S))?\s*\^\s*(\{[^{}]*\}|[^\s{}]+)")
+MAX_TERMS = 1_000
 _NESTED_FACTORIAL = re.compile(r"!\s*[)}]\s*!")
 
 _UNICODE = {
@@ -77,7 +80,8 @@ _PERCENT = re.compile(r"\\%|%|\s*\bpercent\b")
 _DOLLAR = re.compile(r"\\\$|\s*\bdollars?\b|[\u20ac\u00a3\u00a5]|\\(?:euro|pounds)(?![A-Za-z])")
 _SHORT_ARG = re.compile(r"\\(sqrt|frac)\s*(\d|[A-Za-z](?![A-Za-z]))")      # \sqrt2 -> \sqrt{2}
 _FRAC_SECOND = re.compile(r"\\frac\{([^{}]*)\}\s*(\d|[A-Za-z](?![A-Za-z]))")  # \frac{1}2 -> \frac{1}{2}
-_VAR_ASSIGN = re.compile(r"^\s*((?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?(?:\([A-Za-z]\))?)\s*=\s*(.+)$", re.S)
+# A subscript is balanced: "x_{1} = 2" is an assignment, "\prod_{k=1}^{n} k" is not (issue 20).
+_VAR_ASSIGN = re.compile(r"^\s*((?:[A-Za-z]|\\[A-Za-z]+)(?:_(?:\{\w+\}|\w+))?(?:\([A-Za-z]\))?)\s*=\s*(.+)$", re.S)
 _VAR_IN = re.compile(r"^\s*[A-Za-z]\s*\\in\s*(.+)$", re.S)
 _CONJUNCTION = re.compile(r"\s+(?:or|and)\s+|\\(?:text)?\s*(?:or|and)\b")
 _THOUSANDS_LATEX = re.compile(r"(\d)\{,\}(?=\d{3})")
@@ -117,6 +121,15 @@ def unsafe_reason(s: str) -> str | None:
             depth -= 1
     if worst > MAX_NESTING:
         return f"nesting depth {worst} (limit {MAX_NESTING})"
+    for m in _BIG_OPERATOR.finditer(s):
+        bound = m.group(2).strip("{} ")
+        what = "sum" if m.group(1) == "sum" else "product"
+        if not bound.isdigit():
+            if re.search(r"\d", bound) and not re.fullmatch(r"[\w+\-*/ ]{1,12}", bound):
+                return f"{what} up to {bound[:12]} is not evaluated"
+            continue
+        if len(bound) > 6 or int(bound) > MAX_TERMS:
+            return f"{what} of {bound[:12]} terms is not evaluated (limit {MAX_TERMS})"
     if _POWER_TOWER.search(s):
         return "power tower (a^b^c) is not evaluated"
     for m in _EXPONENT.finditer(s):
