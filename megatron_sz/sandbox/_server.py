@@ -323,12 +323,13 @@ def main():
     _close_other_fds({0, 1, 2, status_fd})
     for name in dir(signal):  # default dispositions: a signal cannot run server Python code
         if name.startswith("SIG") and not name.startswith("SIG_") and name not in (
-                "SIGKILL", "SIGSTOP", "SIGCHLD", "SIGPIPE"):
+                "SIGKILL", "SIGSTOP", "SIGCHLD", "SIGPIPE", "SIGXFSZ"):
             try:
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
             except (OSError, ValueError, RuntimeError):
                 pass
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # host gone -> EPIPE, not a silent death
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past RLIMIT_FSIZE: EFBIG, as in CPython
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     sys.path[:0] = cfg["sys_path"]

@@ -345,6 +345,29 @@ def _stage_for_nobody(pairs: list[tuple[str, str]], stage: str):
     return out, (preexec if staged else _drop_to_nobody)
 
 
+def _child_pids(pid: int) -> list[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    out = []
+    for t in tasks:
+        try:
+            out += [int(x) for x in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 _STAGE: str | None = None
 _STAGE_LOCK = threading.Lock()
 
@@ -462,18 +485,26 @@ class Worker:
         return f"sandbox worker ({self.tier}) did not start (exit code {code}): {last}"
 
     def kill(self) -> None:
+        """SIGKILL the worker and wait until its whole PID namespace is gone.
+
+        Killing the outer bwrap is not enough on its own: its PID-1 server gets its
+        parent-death signal, but tearing down a namespace full of fork-bomb children takes
+        the kernel a while on a busy machine, so we also kill the server directly and wait
+        for it (the kernel reaps the namespace before PID 1 is gone).
+        """
         proc, self.proc = self.proc, None
         self.ready = False
         if proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.kill()
-            except ProcessLookupError:
-                pass
+            inner = _child_pids(proc.pid)
+            for pid in [proc.pid] + inner:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             proc.wait()
+            deadline = time.monotonic() + 10.0
+            while any(_alive(p) for p in inner) and time.monotonic() < deadline:
+                time.sleep(0.005)
             if proc.stderr and not proc.stderr.closed:
                 proc.stderr.close()
             for fd in (self._req_w, self._res_r, self._st_r):
@@ -574,13 +605,14 @@ class Worker:
 
     def _give_up(self, status: str, why: str, t0: float) -> Result:
         """Kill the whole worker (everything inside dies with it) and start a fresh one."""
-        self.kill()
         wall = time.monotonic() - t0
+        self.kill()
         try:
             self.start()
         except OSError:
             pass
-        return Result(status=status, error=why, wall_s=wall, tier=self.tier)
+        return Result(status=status, error=why, wall_s=wall, tier=self.tier,
+                      extra={"kill_s": time.monotonic() - t0 - wall})
 
     def _interpret(self, task: Task, status: dict, raw: bytes, wall: float) -> Result:
         code = int(status.get("exit", 0))
