@@ -1,4 +1,4 @@
-"""``megatron-sz train {solver-sft,solver-dpo,generator-wsft}``: one training job.
+"""``megatron-sz train JOB``: one training job; the jobs and their help come from ``train.jobs.JOBS``.
 
 Run it as plain ``python -m megatron_sz train ...`` (one process), or under
 ``torchrun --nproc-per-node N`` / ``srun`` for tp * pp * dp ranks. Exit code 75 means
@@ -9,22 +9,18 @@ from __future__ import annotations
 import argparse
 
 from megatron_sz.errors import UserError
-
-JOBS = {
-    "solver-sft": "solver SFT warm-up: NLL on reference solutions (Problem JSONL)",
-    "solver-dpo": "solver online DPO on the round's PreferencePair JSONL",
-    "generator-wsft": "generator weighted SFT on WeightedExample JSONL",
-}
+from megatron_sz.train.jobs import JOBS  # torch-free: the table only names its objectives
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="run a training job (solver SFT / DPO, generator WSFT)",
+    p = subparsers.add_parser("train", help=f"run a training job ({', '.join(JOBS)})",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     jobs = p.add_subparsers(dest="job", metavar="JOB")
-    for name, text in JOBS.items():
-        j = jobs.add_parser(name, help=text, description=text)
+    for name, job in JOBS.items():
+        text = f"{job.description}; reads recipe {job.role}.{job.section}, {job.role}.model, {job.role}.parallel"
+        j = jobs.add_parser(name, help=job.description, description=text)
         j.add_argument("--recipe", required=True, help="recipe YAML (path or name from the packaged recipes/)")
-        j.add_argument("--data", required=True, help="input JSONL of this job's records")
+        j.add_argument("--data", required=True, help=f"input JSONL of {job.record.__name__} records")
         j.add_argument("--init", default=None,
                        help="starting weights: an HF model folder or a megatron-sz checkpoint folder "
                             "(default: the recipe's model.mcore_checkpoint / hf_path / random from model.config)")
@@ -38,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         j.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides the recipe)")
         j.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set solver.dpo.beta=0.2 (repeatable; YAML values)")
-        if name == "solver-dpo":
+        if job.reference is not None:  # the job can use a reference policy's log-probs
             j.add_argument("--ref-logps", default=None,
                            help="precomputed reference log-probs (ref_logps.pt); default: compute once into --out")
         j.set_defaults(func=_main, job_kind=name)

@@ -33,8 +33,9 @@ MODELS = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--job", default="solver-dpo", choices=["solver-dpo", "solver-sft", "generator-wsft"],
-                    help="which training job to time")
+    from megatron_sz.train.jobs import JOBS
+
+    ap.add_argument("--job", default="solver-dpo", choices=list(JOBS), help="which training job to time")
     ap.add_argument("--model", default="qwen3-1.7b", choices=sorted(MODELS), help="model shape")
     ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence (prompt + completion)")
     ap.add_argument("--micro-batch", type=int, default=1, help="items per micro-batch (a DPO item is a pair)")
@@ -69,27 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         return "".join(rng.choice("0123456789") for _ in range(n))
 
     n_items = args.global_batch * args.steps
-    if args.job == "solver-dpo":
-        from megatron_sz.data import PreferencePair
-
-        recs = [PreferencePair(prompt=digits(half), chosen=digits(half), rejected=digits(half), problem_id=f"b{i}")
-                for i in range(n_items)]
-    elif args.job == "generator-wsft":
-        from megatron_sz.data import WeightedExample
-
-        recs = [WeightedExample(prompt=digits(half), target=digits(half), weight=1.0) for _ in range(n_items)]
-    else:
-        recs = [{"prompt": digits(half), "completion": digits(half)} for _ in range(n_items)]
+    recs = [JOBS[args.job].synthetic(lambda: digits(half), i) for i in range(n_items)]
     data = work / "data.jsonl"
     write_jsonl(data, recs)
     train = {"max_length": args.seq, "micro_batch_size": args.micro_batch, "global_batch_size": args.global_batch,
              "export_hf": False, "pad_to_multiple_of": 64, "optim": {"lr": 1e-5}}
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    job = JOBS[args.job]
     recipe = T.write_recipe(work / "bench.yaml", config=cfg, tokenizer=str(work / "tok"), sections={
-        "device": "auto", "solver": {"model": {"dtype": "bf16"}, "parallel": {"tp": args.tp, "pp": args.pp,
-                                     "gpus_per_node": world, "recompute": args.recompute}, "sft": train, "dpo": train},
-        "generator": {"model": {"dtype": "bf16"}, "parallel": {"tp": args.tp, "pp": args.pp, "gpus_per_node": world,
-                                                               "recompute": args.recompute}, "wsft": train}})
+        "device": "auto", job.role: {"model": {"dtype": "bf16"}, "parallel": {"tp": args.tp, "pp": args.pp,
+                                     "gpus_per_node": world, "recompute": args.recompute}, job.section: train}})
     res = run_job(args.job, str(recipe), data, None, work / "run")
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

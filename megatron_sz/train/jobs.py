@@ -1,15 +1,21 @@
-"""The three training jobs of a co-evolution round, as one function: ``run_job``.
+"""The training jobs of a co-evolution round: the ``JOBS`` table and one entry point, ``run_job``.
 
-``run_job(kind, recipe, data_path, init, out_dir)`` runs ``solver-sft``, ``solver-dpo``
-or ``generator-wsft`` in this process (world of one) or as one rank of a ``torchrun`` /
-``srun`` world (tp * pp * dp processes). It reads as the dataflow of a job:
+``JOBS`` maps each job kind to a ``JobSpec`` (``registry.py``): the input record type and
+its loader, the objective, the metrics it logs, the recipe section it reads. Nothing else
+in the tree branches on a kind: adding a job is one ``JOBS`` entry plus one objective in
+``objectives.py`` (see ``train/README.md``).
 
-    records -> items (tokenise, overlong policy) -> train / held-out split -> plan
-    model (HF folder, Megatron checkpoint, or random from the recipe) -> optimizer
-    resume from out/checkpoint if present
-    [dpo] reference log-probs: once per round, from the start-of-round policy, to a file
-    eval -> steps (checkpoint every save_interval; on SIGTERM/SIGUSR1: save, exit 75)
-    final checkpoint -> eval -> HF export (recipe ``export_hf``) -> summary.json
+``run_job(kind, recipe, data_path, init, out_dir)`` runs one job in this process (world of
+one) or as one rank of a ``torchrun`` / ``srun`` world (tp * pp * dp processes). ``_run``
+reads as the dataflow of a job, one function per stage:
+
+    _setting      recipe section, unsupported options refused, process groups
+    _start        starting weights (HF folder, Megatron checkpoint, or random) + tokenizer
+    _load_data    records -> items (tokenise, overlong policy) -> train / held-out split -> plan
+    _build_model  model -> optimizer -> resume from out/checkpoint if present
+    _engine       [reference log-probs: once per round, from the start-of-round policy] -> objective
+    _steps        eval -> steps (checkpoint every save_interval; on SIGTERM/SIGUSR1: save, exit 75)
+    _finish       final checkpoint -> eval -> HF export (recipe ``export_hf``); then summary.json
 
 Exit codes (``JobResult.exit_code``): 0 done, 75 preempted after a checkpoint (re-run
 the same command to resume). User errors raise ``UserError`` (the CLI prints one line).
@@ -26,8 +32,30 @@ from typing import Any
 from megatron_sz.data import PreferencePair, Problem, WeightedExample, atomic_write_json, iter_jsonl
 from megatron_sz.errors import CheckpointError, DataError, RecipeError, UserError
 from megatron_sz.train.preempt import EXIT_PREEMPTED, PreemptionGuard, fault_injection_step
+from megatron_sz.train.registry import (JobSpec, dpo_uses_reference, load_pairs, load_sft, load_weighted,
+                                        synthetic_pair, synthetic_sft, synthetic_weighted)
 
-KINDS = ("solver-sft", "solver-dpo", "generator-wsft")
+_NLL = {"eval_nll": ("nll", "tokens")}  # held-out NLL per target token (SFT and WSFT)
+
+JOBS: dict[str, JobSpec] = {
+    "solver-sft": JobSpec(
+        description="solver SFT warm-up: NLL on reference solutions (Problem JSONL)",
+        record=Problem, load=load_sft, objective="SFTObjective", role="solver", section="sft",
+        eval_metrics=_NLL, synthetic=synthetic_sft),
+    "solver-dpo": JobSpec(
+        description="solver online DPO on the round's PreferencePair JSONL",
+        record=PreferencePair, load=load_pairs, objective="DPOObjective", role="solver", section="dpo",
+        unit="pairs", metrics=("margin", "accuracy", "chosen_reward", "rejected_reward"),
+        eval_metrics={"eval_margin": ("margin", "items"), "eval_accuracy": ("accuracy", "items"),
+                      "eval_chosen_logp": ("chosen_logp", "items"),
+                      "eval_rejected_logp": ("rejected_logp", "items")},
+        reference=dpo_uses_reference, synthetic=synthetic_pair),
+    "generator-wsft": JobSpec(
+        description="generator weighted SFT on WeightedExample JSONL",
+        record=WeightedExample, load=load_weighted, objective="WSFTObjective", role="generator", section="wsft",
+        metrics=("weight",), eval_metrics=_NLL, synthetic=synthetic_weighted),
+}
+KINDS = tuple(JOBS)  # the job names, for callers that need only those
 
 
 @dataclass
@@ -47,83 +75,31 @@ def log(msg: str, *, rank: int = 0) -> None:
         print(f"[train] {msg}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- recipe
+def job_spec(kind: str) -> JobSpec:
+    """The ``JOBS`` entry of ``kind``; an unknown kind is a UserError listing the jobs."""
+    try:
+        return JOBS[kind]
+    except KeyError:
+        raise RecipeError(f"unknown training job {kind!r}", fix=f"use one of {', '.join(JOBS)}") from None
 
 
 def role_of(kind: str, recipe: Any) -> tuple[Any, Any, Any]:
     """(model spec, parallel spec, train spec) of the role a job trains."""
-    if kind == "solver-sft":
-        return recipe.solver.model, recipe.solver.parallel, recipe.solver.sft
-    if kind == "solver-dpo":
-        return recipe.solver.model, recipe.solver.parallel, recipe.solver.dpo
-    if kind == "generator-wsft":
-        return recipe.generator.model, recipe.generator.parallel, recipe.generator.wsft
-    raise RecipeError(f"unknown training job {kind!r}", fix=f"use one of {', '.join(KINDS)}")
+    return job_spec(kind).sections(recipe)
 
 
 # --------------------------------------------------------------------------- data
 
 
-def _sft_examples(path: Path, recipe: Any):
-    """solver-sft input: Problem records (prompt = the solver template, target = reference
-    solution ending in \\boxed{answer}) or generic {prompt, completion} records."""
-    from megatron_sz.rollout import solver_prompt
-
-    template = recipe.solver.rollout.prompt_template
-    for lineno, obj in enumerate(iter_jsonl(path), start=1):
-        where = f"{path}:{lineno}"
-        if isinstance(obj, dict) and "prompt" in obj:
-            completion = obj.get("completion", obj.get("target"))
-            if not isinstance(obj["prompt"], str) or not isinstance(completion, str) or not completion.strip():
-                raise DataError("a generic SFT record needs string 'prompt' and 'completion' (or 'target')",
-                                where=where, fix="add the missing field, or give Problem records")
-            yield obj["prompt"], completion, 1.0, lineno
-            continue
-        from megatron_sz.data import record_from_dict
-
-        prob = record_from_dict(Problem, obj, where=where)
-        solution = (prob.solution or "").strip()
-        if "\\boxed" not in solution:
-            solution = (solution + "\n\n" if solution else "") + f"The answer is $\\boxed{{{prob.answer}}}$."
-        yield solver_prompt(prob, template), solution, 1.0, lineno
-
-
 def load_items(kind: str, path: Path, recipe: Any, spec: Any, tok: Any, *, rank: int = 0):
-    from megatron_sz.train.data import tokenize_examples, tokenize_pairs
-
+    """``kind``'s JSONL file -> (items, TokenizeStats, groups) through the job's loader, with the
+    checks every job shares: the file exists, overlong items are counted, some items are left."""
+    job = job_spec(kind)
     path = Path(path)
     if not path.exists():
         raise DataError(f"input file not found: {path}", fix="check --data")
-    groups: list[str | None] = []
-    if kind == "solver-dpo":
-        recs = list(iter_jsonl(path, PreferencePair))
-        if not recs:
-            raise DataError("the preference-pair file has no pairs", where=str(path),
-                            fix="this round produced no (winner, loser) pairs: every problem was "
-                                "solved k/k or never; skip solver-dpo for this round or add problems")
-        items, stats = tokenize_pairs(((r.prompt, r.chosen, r.rejected, i + 1) for i, r in enumerate(recs)),
-                                      tok, max_length=spec.max_length, overlong=spec.overlong)
-        kept_lines = {it.line for it in items}
-        groups = [r.problem_id for i, r in enumerate(recs) if (i + 1) in kept_lines]
-        what = "pairs"
-    elif kind == "generator-wsft":
-        recs = list(iter_jsonl(path, WeightedExample))
-        if not recs:
-            raise DataError("the weighted-example file has no examples", where=str(path),
-                            fix="the round produced no generator examples; skip generator-wsft")
-        items, stats = tokenize_examples(((r.prompt, r.target, r.weight, i + 1) for i, r in enumerate(recs)),
-                                         tok, max_length=spec.max_length, overlong=spec.overlong)
-        kept_lines = {it.line for it in items}
-        groups = [r.problem_id for i, r in enumerate(recs) if (i + 1) in kept_lines]
-        _check_weights(recs, spec, path, rank=rank)
-        what = "examples"
-    else:
-        items, stats = tokenize_examples(_sft_examples(path, recipe), tok, max_length=spec.max_length,
-                                         overlong=spec.overlong)
-        if stats.records == 0:
-            raise DataError("the SFT file has no records", where=str(path),
-                            fix="give Problem records with reference solutions")
-        what = "examples"
+    items, stats, groups = job.load(path, recipe, spec, tok, rank)
+    what = job.unit
     if stats.truncated or stats.dropped_overlong:
         log(f"{stats.truncated + stats.dropped_overlong} of {stats.records} {what} exceed max_length "
             f"{spec.max_length} tokens: {stats.truncated} truncated, {stats.dropped_overlong} dropped "
@@ -133,22 +109,6 @@ def load_items(kind: str, path: Path, recipe: Any, spec: Any, tok: Any, *, rank:
                         f"{spec.max_length} (dropped by overlong: drop), {stats.dropped_empty} empty",
                         where=str(path), fix="raise max_length, or set overlong: truncate")
     return items, stats, groups
-
-
-def _check_weights(recs: list, spec: Any, path: Path, *, rank: int) -> None:
-    """Weights are used as given; warn when a gaussian weight disagrees with the recipe's mu/sigma."""
-    from megatron_sz.train.objectives import gaussian_weight
-
-    bad = 0
-    for r in recs:
-        src = r.weight_source or {}
-        s = src.get("success_rate")
-        if src.get("kind") == "gaussian" and isinstance(s, (int, float)) and 0 <= s <= 1:
-            if abs(gaussian_weight(float(s), spec.mu, spec.sigma) - float(r.weight)) > 1e-6:
-                bad += 1
-    if bad:
-        log(f"warning: {bad} weights in {path} differ from U(s) with the recipe's mu={spec.mu}, "
-            f"sigma={spec.sigma}; using the weights in the file", rank=rank)
 
 
 # --------------------------------------------------------------------------- model source
@@ -164,11 +124,11 @@ def _arch_diff(a: Any, b: Any) -> list[str]:
 
 def model_source(model_spec: Any, init: str | None, recipe: Any) -> tuple[dict, str, str | None]:
     """(hf config dict, "hf" | "mcore" | "random", path) of the starting weights."""
-    from megatron_sz.megatron.arch import parse_hf_config
+    from megatron_sz.model_shape import parse_hf_config
 
     expected = None
     if model_spec.config is not None:
-        expected = parse_hf_config(dict(model_spec.config), source="recipe model.config")
+        expected = parse_hf_config(dict(model_spec.config), where="recipe model.config")
     elif model_spec.hf_path is not None:
         hf = recipe.resolve_path(model_spec.hf_path)
         expected = parse_hf_config(str(hf))
@@ -204,7 +164,6 @@ def model_source(model_spec: Any, init: str | None, recipe: Any) -> tuple[dict, 
                 where=str(init), fix="pass the checkpoint of this role's model, or correct the recipe's model section")
     return cfg, ("hf" if is_hf else "mcore"), str(p)
 
-
 # --------------------------------------------------------------------------- the job
 
 
@@ -215,16 +174,15 @@ def run_job(kind: str, recipe: Any, data_path: str | os.PathLike, init: str | No
 
     ``eval_data``: an extra held-out file of the same record type (added to the
     ``eval_fraction`` split); evaluated at the start, every ``eval_interval`` steps and
-    at the end (held-out NLL, or DPO preference accuracy and reward margin).
+    at the end (the job's ``eval_metrics``: held-out NLL, or DPO preference accuracy and margin).
     """
     from megatron_sz.recipe import Recipe, load_recipe
 
-    if kind not in KINDS:
-        raise RecipeError(f"unknown training job {kind!r}", fix=f"use one of {', '.join(KINDS)}")
+    job = job_spec(kind)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     with PreemptionGuard() as guard:
-        return _run(kind, recipe, Path(data_path), init, Path(out_dir), guard=guard, ref_path=ref_logps,
+        return _run(kind, job, recipe, Path(data_path), init, Path(out_dir), guard=guard, ref_path=ref_logps,
                     tokenizer_path=tokenizer, max_steps=max_steps, eval_path=eval_data)
 
 
@@ -266,23 +224,67 @@ def _train_tokenizer_on_data(recipe: Any, data_path: Path, eval_path: Any, out: 
     return target
 
 
-def _run(kind: str, recipe: Any, data_path: Path, init: str | None, out: Path, *, guard: PreemptionGuard,
-         ref_path: str | None, tokenizer_path: str | None, max_steps: int | None,
+
+def _run(kind: str, job: JobSpec, recipe: Any, data_path: Path, init: str | None, out: Path, *,
+         guard: PreemptionGuard, ref_path: str | None, tokenizer_path: str | None, max_steps: int | None,
          eval_path: str | os.PathLike | None = None) -> JobResult:
+    from megatron_sz.train.metrics import MetricsLogger
+
+    s = _setting(kind, job, recipe, out)
+    t_start = time.time()
+    start = _start(s, init, tokenizer_path, data_path, eval_path)
+    data = _load_data(s, start.tok, data_path, eval_path, max_steps)
+    model = _build_model(s, start, data.plan)
+    engine = _engine(s, model, data, ref_path, pad_id=start.tok.pad_id if start.tok.pad_id is not None
+                     else start.tok.eos_id)
+    logger = MetricsLogger(out, kind=kind, total_steps=data.plan.total_steps, start_step=model.start,
+                           enabled=s.rank == 0, wandb_spec=recipe.wandb, config={"kind": kind, "data": str(data_path)})
+    summary = _summary_head(s, start, data, data_path, resumed=model.resumed)
+    hf_dir = None
+    try:
+        if model.start == 0:
+            summary["eval_start"] = _evaluate(s, engine, data.held, logger, step=0)
+        progress = _steps(s, start, model, data, engine, logger, guard)
+        if progress.exit_code == 0:
+            hf_dir = _finish(s, start, model, data, engine, logger, progress, summary)
+    finally:
+        logger.close()
+    rates = progress.tokens_per_s
+    summary.update(step=progress.step, exit_code=progress.exit_code, checkpoint=progress.checkpoint, hf_dir=hf_dir,
+                   tokens_per_s_mean=(sum(rates) / len(rates)) if rates else None,
+                   wall_s=round(time.time() - t_start, 2))
+    if s.rank == 0:
+        atomic_write_json(out / "summary.json", summary)
+    return JobResult(kind=kind, exit_code=progress.exit_code, step=progress.step, total_steps=data.plan.total_steps,
+                     out_dir=str(out), checkpoint=progress.checkpoint, hf_dir=hf_dir, summary=summary)
+
+
+@dataclass
+class _Setting:
+    """What the recipe and the launcher fix before any file is read."""
+
+    kind: str
+    job: JobSpec
+    recipe: Any
+    model_spec: Any  # recipe.<role>.model
+    par: Any  # recipe.<role>.parallel
+    spec: Any  # recipe.<role>.<section>: the job's train options
+    seed: int
+    on_gpu: bool
+    rank: int
+    info: Any  # megatron.training.ParallelInfo: this rank's tp/pp/dp coordinates and groups
+    device: Any
+    out: Path
+
+
+def _setting(kind: str, job: JobSpec, recipe: Any, out: Path) -> _Setting:
     import torch
 
     from megatron_sz import dist
     from megatron_sz import megatron as adapter
     from megatron_sz.megatron import training as mt
-    from megatron_sz.tokenizer import load_tokenizer
-    from megatron_sz.train import objectives as obj
-    from megatron_sz.train import state
-    from megatron_sz.train.data import make_plan, split_heldout
-    from megatron_sz.train.loop import StepEngine
-    from megatron_sz.train.metrics import MetricsLogger, model_flops_per_token, peak_flops
-    from megatron_sz.train.schedule import lr_for
 
-    model_spec, par, spec = role_of(kind, recipe)
+    model_spec, par, spec = job.sections(recipe)
     if par.sequence_parallel:
         raise RecipeError("sequence_parallel is not supported by the training jobs yet",
                           where="parallel.sequence_parallel", fix="set it to false")
@@ -303,169 +305,231 @@ def _run(kind: str, recipe: Any, data_path: Path, init: str | None, out: Path, *
     info = mt.parallel_info()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
+    return _Setting(kind=kind, job=job, recipe=recipe, model_spec=model_spec, par=par, spec=spec, seed=seed,
+                    on_gpu=on_gpu, rank=rank, info=info, device=device, out=out)
 
-    # ---- data
-    cfg, init_kind, init_path = model_source(model_spec, init, recipe)
+
+@dataclass
+class _Start:
+    """The starting weights and the tokenizer."""
+
+    cfg: dict  # the model's HF config
+    init_kind: str  # "hf" | "mcore" | "random"
+    init_path: str | None
+    tok: Any
+
+
+def _start(s: _Setting, init: str | None, tokenizer_path: str | None, data_path: Path, eval_path: Any) -> _Start:
+    from megatron_sz.tokenizer import load_tokenizer
+
+    cfg, init_kind, init_path = model_source(s.model_spec, init, s.recipe)
     try:
-        tok_path = _tokenizer_path(recipe, model_spec, init_kind, init_path, tokenizer_path)
+        tok_path = _tokenizer_path(s.recipe, s.model_spec, init_kind, init_path, tokenizer_path)
     except RecipeError:
-        if not (recipe.tokenizer.kind == "sentencepiece" and recipe.tokenizer.train):
+        if not (s.recipe.tokenizer.kind == "sentencepiece" and s.recipe.tokenizer.train):
             raise
-        tok_path = _train_tokenizer_on_data(recipe, data_path, eval_path, out, rank)
+        tok_path = _train_tokenizer_on_data(s.recipe, data_path, eval_path, s.out, s.rank)
     tok = load_tokenizer(tok_path)
     if tok.vocab_size > cfg["vocab_size"]:
         raise CheckpointError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
                               f"{cfg['vocab_size']}", fix="use the tokenizer the model was trained with")
-    items, tstats, groups = load_items(kind, data_path, recipe, spec, tok, rank=rank)
-    train_items, held = split_heldout(items, fraction=spec.eval_fraction, seed=seed, groups=groups)
-    if eval_path is not None:  # a separate held-out file, tokenised the same way
-        extra_items, _, _ = load_items(kind, Path(eval_path), recipe, spec, tok, rank=rank)
-        for j, it in enumerate(extra_items):
-            it.index = len(items) + j  # ids continue after the training file's (one ref table)
-        held = held + extra_items
-        items = items + extra_items
-    all_items = items
-    # Re-index the training items' positions for the plan; Item.index stays the global id.
-    plan = make_plan(train_items, global_batch_size=spec.global_batch_size, micro_batch_size=spec.micro_batch_size,
-                     dp=info.dp, epochs=spec.epochs, max_steps=max_steps or spec.max_steps, seed=seed,
-                     batching=spec.batching, sort_window=spec.sort_window)
-    total = plan.total_steps
-    layout = [info.tp, info.pp, info.dp]
-    log(f"{kind}: {len(train_items)} train / {len(held)} held-out items, {total} steps of "
-        f"{spec.global_batch_size} (micro-batch {spec.micro_batch_size}, tp={info.tp} pp={info.pp} dp={info.dp})",
-        rank=rank)
+    return _Start(cfg=cfg, init_kind=init_kind, init_path=init_path, tok=tok)
 
-    # ---- model + optimizer
+
+@dataclass
+class _Data:
+    items: list  # all items: the training file's, then --eval-data's; Item.index is the id (one ref table)
+    train: list
+    held: list
+    stats: Any  # TokenizeStats of the training file
+    plan: Any  # BatchPlan: every step's micro-batches, fixed by the seed
+
+
+def _load_data(s: _Setting, tok: Any, data_path: Path, eval_path: Any, max_steps: int | None) -> _Data:
+    from megatron_sz.train.data import make_plan, split_heldout
+
+    spec, info = s.spec, s.info
+    items, stats, groups = load_items(s.kind, data_path, s.recipe, spec, tok, rank=s.rank)
+    train, held = split_heldout(items, fraction=spec.eval_fraction, seed=s.seed, groups=groups)
+    if eval_path is not None:  # a separate held-out file, tokenised the same way
+        extra, _, _ = load_items(s.kind, Path(eval_path), s.recipe, spec, tok, rank=s.rank)
+        for j, it in enumerate(extra):
+            it.index = len(items) + j  # ids continue after the training file's (one ref table)
+        held = held + extra
+        items = items + extra
+    # The plan holds positions into ``train``; Item.index stays the global id.
+    plan = make_plan(train, global_batch_size=spec.global_batch_size, micro_batch_size=spec.micro_batch_size,
+                     dp=info.dp, epochs=spec.epochs, max_steps=max_steps or spec.max_steps, seed=s.seed,
+                     batching=spec.batching, sort_window=spec.sort_window)
+    log(f"{s.kind}: {len(train)} train / {len(held)} held-out items, {plan.total_steps} steps of "
+        f"{spec.global_batch_size} (micro-batch {spec.micro_batch_size}, tp={info.tp} pp={info.pp} dp={info.dp})",
+        rank=s.rank)
+    return _Data(items=items, train=train, held=held, stats=stats, plan=plan)
+
+
+@dataclass
+class _Model:
+    chunks: list  # this rank's model chunks, as wrapped by the optimizer (DDP)
+    optimizer: Any
+    vocab: int  # the true vocab size (the embedding is padded beyond it)
+    start: int  # completed steps: from the checkpoint when resumed, else 0
+    resumed: bool
+
+
+def _checkpoint_identity(s: _Setting, plan: Any) -> dict:
+    """What a checkpoint in OUT must match to be resumed: same job, data plan and layout."""
+    return {"kind": s.kind, "fingerprint": plan.fingerprint, "layout": [s.info.tp, s.info.pp, s.info.dp]}
+
+
+def _build_model(s: _Setting, start: _Start, plan: Any) -> _Model:
+    import torch
+
+    from megatron_sz import megatron as adapter
+    from megatron_sz.megatron import training as mt
+    from megatron_sz.train import state
+
+    model_spec, par = s.model_spec, s.par
     params_dtype = torch.float32
-    if on_gpu:
+    if s.on_gpu:
         params_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[model_spec.dtype]
-    chunks = adapter.build_model(cfg, tp=par.tp, pp=par.pp, params_dtype=params_dtype,
+    chunks = adapter.build_model(start.cfg, tp=par.tp, pp=par.pp, params_dtype=params_dtype,
                                  make_vocab_size_divisible_by=model_spec.make_vocab_size_divisible_by,
                                  recompute=None if par.recompute == "none" else par.recompute,
-                                 init_weights=init_kind == "random")
-    if init_kind == "hf":
-        adapter.load_hf_weights(chunks, init_path)
-    elif init_kind == "mcore":
-        adapter.load_checkpoint(init_path, chunks, None)
-    optimizer = mt.make_optimizer(chunks, optim=spec.optim, params_dtype=params_dtype,
+                                 init_weights=start.init_kind == "random")
+    if start.init_kind == "hf":
+        adapter.load_hf_weights(chunks, start.init_path)
+    elif start.init_kind == "mcore":
+        adapter.load_checkpoint(start.init_path, chunks, None)
+    optimizer = mt.make_optimizer(chunks, optim=s.spec.optim, params_dtype=params_dtype,
                                   use_distributed_optimizer=par.use_distributed_optimizer)
     chunks = optimizer.chunks
-    vocab = adapter.true_vocab_size(chunks[0])
-    expect = {"kind": kind, "fingerprint": plan.fingerprint, "layout": layout}
-    extra = state.resume(out, chunks=chunks, optimizer=optimizer, expect=expect, world_rank=rank)
-    start = int(extra["step"]) if extra else 0
+    extra = state.resume(s.out, chunks=chunks, optimizer=optimizer, expect=_checkpoint_identity(s, plan),
+                         world_rank=s.rank)
+    begin = int(extra["step"]) if extra else 0
     if extra:
-        log(f"resumed from {state.ckpt_root(out)} at step {start}/{total}", rank=rank)
+        log(f"resumed from {state.ckpt_root(s.out)} at step {begin}/{plan.total_steps}", rank=s.rank)
+    return _Model(chunks=chunks, optimizer=optimizer, vocab=adapter.true_vocab_size(chunks[0]), start=begin,
+                  resumed=bool(extra))
 
-    # ---- objective (+ DPO reference log-probs, once per round)
-    engine_kw = dict(chunks=chunks, optimizer=optimizer, info=info, pad_id=tok.pad_id if tok.pad_id is not None
-                     else tok.eos_id, pad_to_multiple_of=spec.pad_to_multiple_of, device=device)
-    kw = dict(tp_group=info.tp_group, vocab_size=vocab)
+
+def _save(s: _Setting, model: _Model, plan: Any, step: int) -> str:
+    from megatron_sz.train import state
+
+    extra = {**_checkpoint_identity(s, plan), "total_steps": plan.total_steps, "seed": s.seed}
+    return state.save(s.out, chunks=model.chunks, optimizer=model.optimizer, step=step, extra=extra,
+                      world_rank=s.rank)
+
+
+def _engine(s: _Setting, model: _Model, data: _Data, ref_path: str | None, *, pad_id: int) -> Any:
+    """The step engine around the job's objective; first the reference log-probs, when the job
+    uses them (once per round, from the start-of-round policy, into OUT/ref_logps.pt)."""
+    from megatron_sz.train.loop import StepEngine
+
+    engine_kw = dict(chunks=model.chunks, optimizer=model.optimizer, info=s.info, pad_id=pad_id,
+                     pad_to_multiple_of=s.spec.pad_to_multiple_of, device=s.device)
+    kw = dict(tp_group=s.info.tp_group, vocab_size=model.vocab)
     ref_table = None
-    if kind == "solver-dpo":
-        if not (spec.reference_free or spec.loss_type == "simpo"):  # simpo has no reference model
-            ref_table = _reference_logps(all_items, out=out, ref_path=ref_path, start=start, spec=spec,
-                                         engine=StepEngine(objective=None, **engine_kw), kw=kw, info=info,
-                                         rank=rank).to(device)
-        objective = obj.DPOObjective(spec=spec, ref_logps=ref_table, **kw)
-    elif kind == "generator-wsft":
-        objective = obj.WSFTObjective(normalization=spec.normalization, **kw)
-    else:
-        objective = obj.SFTObjective(normalization=spec.normalization, **kw)
-    engine = StepEngine(objective=objective, **engine_kw)
+    if s.job.uses_reference(s.spec):
+        ref_table = _reference_logps(data.items, out=s.out, ref_path=ref_path, start=model.start, spec=s.spec,
+                                     engine=StepEngine(objective=None, **engine_kw), kw=kw, info=s.info,
+                                     rank=s.rank).to(s.device)
+    objective = s.job.objective_class().for_job(s.spec, ref_logps=ref_table, **kw)
+    return StepEngine(objective=objective, **engine_kw)
 
-    # ---- logging
-    logger = MetricsLogger(out, kind=kind, total_steps=total, start_step=start, enabled=rank == 0,
-                           wandb_spec=recipe.wandb, config={"kind": kind, "data": str(data_path)})
-    lens = [it.length for it in train_items]
-    flops_tok = model_flops_per_token(cfg, sum(lens) / max(1, len(lens)))
+
+def _evaluate(s: _Setting, engine: Any, held: list, logger: Any, *, step: int) -> dict | None:
+    """The job's ``eval_metrics`` on the held-out items, logged as an eval line."""
+    if not held:
+        return None
+    sums = _eval(engine, engine.objective, held, s.spec, s.info)
+    res = {name: sums[num] / max(1.0, sums[den]) for name, (num, den) in s.job.eval_metrics.items()}
+    logger.log({"type": "eval", "step": step, **res})
+    return res
+
+
+def _summary_head(s: _Setting, start: _Start, data: _Data, data_path: Path, *, resumed: bool) -> dict:
+    """summary.json's fields known before the first step (a resumed run keeps its eval_start)."""
+    summary: dict = {"kind": s.kind, "data": str(data_path), "init": start.init_path, "init_kind": start.init_kind,
+                     "tokenize": data.stats.as_dict(), "dropped_tail": data.plan.dropped_tail,
+                     "train_items": len(data.train), "heldout_items": len(data.held),
+                     "total_steps": data.plan.total_steps,
+                     "layout": {"tp": s.info.tp, "pp": s.info.pp, "dp": s.info.dp}}
+    prev = _read_json(s.out / "summary.json")
+    summary["eval_start"] = prev.get("eval_start") if (resumed and prev) else None
+    return summary
+
+
+@dataclass
+class _Progress:
+    step: int  # completed steps
+    exit_code: int = 0
+    checkpoint: str | None = None  # the last checkpoint saved by this process
+    tokens_per_s: list[float] = field(default_factory=list)
+
+
+def _steps(s: _Setting, start: _Start, model: _Model, data: _Data, engine: Any, logger: Any,
+           guard: PreemptionGuard) -> _Progress:
+    """The step loop: one line per log_interval, checkpoints, evals; on a preemption signal
+    (seen by every rank at the same step) save and stop with exit code 75."""
+    from megatron_sz.train.metrics import model_flops_per_token, peak_flops
+    from megatron_sz.train.schedule import lr_for
+
+    spec, info, plan, total = s.spec, s.info, data.plan, data.plan.total_steps
+    lens = [it.length for it in data.train]
+    flops_tok = model_flops_per_token(start.cfg, sum(lens) / max(1, len(lens)))
     peak = peak_flops()
-
-    def evaluate(step: int) -> dict | None:
-        if not held:
-            return None
-        sums = _eval(engine, objective, held, spec, info)
-        if kind == "solver-dpo":
-            n = max(1.0, sums["items"])
-            res = {"eval_margin": sums["margin"] / n, "eval_accuracy": sums["accuracy"] / n,
-                   "eval_chosen_logp": sums["chosen_logp"] / n, "eval_rejected_logp": sums["rejected_logp"] / n}
-        else:
-            res = {"eval_nll": sums["nll"] / max(1.0, sums["tokens"])}
-        logger.log({"type": "eval", "step": step, **res})
-        return res
-
-    summary: dict = {"kind": kind, "data": str(data_path), "init": init_path, "init_kind": init_kind,
-                     "tokenize": tstats.as_dict(), "dropped_tail": plan.dropped_tail, "train_items": len(train_items),
-                     "heldout_items": len(held), "total_steps": total, "layout": {"tp": info.tp, "pp": info.pp,
-                                                                                   "dp": info.dp}}
-    prev = _read_json(out / "summary.json")
-    summary["eval_start"] = prev.get("eval_start") if (extra and prev) else None
-    if start == 0:
-        summary["eval_start"] = evaluate(0)
-
-    # ---- steps
     fault_at = fault_injection_step()
-    step = start
-    exit_code = 0
-    tok_rates: list[float] = []
-    ckpt_path = None
-    extra_state = {"kind": kind, "fingerprint": plan.fingerprint, "layout": layout, "total_steps": total,
-                   "seed": seed}
-    try:
-        while step < total:
-            if fault_at is not None and step == fault_at and rank == 0:
-                import signal
+    p = _Progress(step=model.start)
+    while p.step < total:
+        if fault_at is not None and p.step == fault_at and s.rank == 0:
+            import signal
 
-                os.kill(os.getpid(), signal.SIGTERM)
-            lr = lr_for(step, total_steps=total, optim=spec.optim)
-            groups_ = [[train_items[i] for i in g] for g in plan.microbatches(step, info.dp_rank)]
-            try:
-                res = engine.train_step(groups_, lr=lr, preempt_requested=guard.requested)
-            except UserError as err:
-                raise type(err)(f"step {step + 1}/{total}: {err}") from None
-            step += 1
-            logger.step_time(res.seconds)
-            tps = res.stats["tokens"] / max(res.seconds, 1e-9)
-            tok_rates.append(tps)
+            os.kill(os.getpid(), signal.SIGTERM)
+        lr = lr_for(p.step, total_steps=total, optim=spec.optim)
+        groups = [[data.train[i] for i in g] for g in plan.microbatches(p.step, info.dp_rank)]
+        try:
+            res = engine.train_step(groups, lr=lr, preempt_requested=guard.requested)
+        except UserError as err:
+            raise type(err)(f"step {p.step + 1}/{total}: {err}") from None
+        p.step += 1
+        logger.step_time(res.seconds)
+        tps = res.stats["tokens"] / max(res.seconds, 1e-9)
+        p.tokens_per_s.append(tps)
+        if p.step % max(1, spec.log_interval) == 0 or p.step == total or res.preempt:
             mfu = (flops_tok * tps / (peak * info.world_size)) if peak else None
-            if step % max(1, spec.log_interval) == 0 or step == total or res.preempt:
-                rec = {"step": step, "loss": res.stats["loss"], "lr": lr, "grad_norm": res.grad_norm,
-                       "tokens": res.stats["tokens"], "tokens_per_s": tps, "mfu": mfu,
-                       "step_time_s": res.seconds, "eta_s": logger.eta(step)}
-                for k in ("margin", "accuracy", "chosen_reward", "rejected_reward", "weight"):
-                    if k in res.stats:
-                        rec[k] = res.stats[k]
-                logger.log(rec)
-            if res.preempt:
-                ckpt_path = state.save(out, chunks=chunks, optimizer=optimizer, step=step, extra=extra_state,
-                                       world_rank=rank)
-                log(f"preempted: checkpoint at step {step}/{total} saved to {ckpt_path}; "
-                    f"re-run the same command to resume (exit {EXIT_PREEMPTED})", rank=rank)
-                exit_code = EXIT_PREEMPTED
-                break
-            if spec.save_interval and step % spec.save_interval == 0 and step < total:
-                ckpt_path = state.save(out, chunks=chunks, optimizer=optimizer, step=step, extra=extra_state,
-                                       world_rank=rank)
-            if spec.eval_interval and step % spec.eval_interval == 0 and step < total:
-                evaluate(step)
-        hf_dir = None
-        if exit_code == 0:
-            if not (extra and start == total and state.has_checkpoint(out)):
-                ckpt_path = state.save(out, chunks=chunks, optimizer=optimizer, step=step, extra=extra_state,
-                                       world_rank=rank)
-            summary["eval_end"] = evaluate(step)
-            if spec.export_hf:
-                hf_dir = _export_hf(out, tok, rank=rank)
-    finally:
-        logger.close()
-    summary.update(step=step, exit_code=exit_code, checkpoint=ckpt_path, hf_dir=hf_dir if exit_code == 0 else None,
-                   tokens_per_s_mean=(sum(tok_rates) / len(tok_rates)) if tok_rates else None,
-                   wall_s=round(time.time() - t_start, 2))
-    if rank == 0:
-        atomic_write_json(out / "summary.json", summary)
-    return JobResult(kind=kind, exit_code=exit_code, step=step, total_steps=total, out_dir=str(out),
-                     checkpoint=ckpt_path, hf_dir=summary.get("hf_dir"), summary=summary)
+            logger.log(_step_line(s.job, p.step, res, lr=lr, tps=tps, mfu=mfu, eta=logger.eta(p.step)))
+        if res.preempt:
+            p.checkpoint = _save(s, model, plan, p.step)
+            log(f"preempted: checkpoint at step {p.step}/{total} saved to {p.checkpoint}; "
+                f"re-run the same command to resume (exit {EXIT_PREEMPTED})", rank=s.rank)
+            p.exit_code = EXIT_PREEMPTED
+            break
+        if spec.save_interval and p.step % spec.save_interval == 0 and p.step < total:
+            p.checkpoint = _save(s, model, plan, p.step)
+        if spec.eval_interval and p.step % spec.eval_interval == 0 and p.step < total:
+            _evaluate(s, engine, data.held, logger, step=p.step)
+    return p
+
+
+def _step_line(job: JobSpec, step: int, res: Any, *, lr: float, tps: float, mfu: float | None, eta: Any) -> dict:
+    """One metrics.jsonl train line: the common fields, then the job's own ``metrics``."""
+    rec = {"step": step, "loss": res.stats["loss"], "lr": lr, "grad_norm": res.grad_norm,
+           "tokens": res.stats["tokens"], "tokens_per_s": tps, "mfu": mfu,
+           "step_time_s": res.seconds, "eta_s": eta}
+    rec.update((k, res.stats[k]) for k in job.metrics)
+    return rec
+
+
+def _finish(s: _Setting, start: _Start, model: _Model, data: _Data, engine: Any, logger: Any,
+            p: _Progress, summary: dict) -> str | None:
+    """Final checkpoint (not again when a finished run is re-run), final eval, HF export.
+    Returns the HF folder, or None without ``export_hf``."""
+    from megatron_sz.train import state
+
+    if not (model.resumed and model.start == data.plan.total_steps and state.has_checkpoint(s.out)):
+        p.checkpoint = _save(s, model, data.plan, p.step)
+    summary["eval_end"] = _evaluate(s, engine, data.held, logger, step=p.step)
+    return _export_hf(s.out, start.tok, rank=s.rank) if s.spec.export_hf else None
 
 
 def _read_json(path: Path) -> dict:

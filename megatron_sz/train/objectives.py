@@ -1,4 +1,4 @@
-"""The three training objectives, on the fused vocab-parallel LM-head kernels.
+"""The training objectives, on the fused vocab-parallel LM-head kernels.
 
 An objective turns the last pipeline stage's final hidden states ``[B_rows, T, H]`` and
 this rank's LM-head vocab shard into (a) the training loss of one micro-batch and (b)
@@ -10,6 +10,9 @@ micro-batches and data-parallel ranks of any size combine exactly).
   kernel's dlogits; a weight-0 example contributes exactly zero gradient).
 * ``DPOObjective``   -- online DPO (``fused_linear_dpo_loss``); rows [0, B) chosen,
   [B, 2B) rejected; reference log-probs come from a table precomputed once per round.
+
+Which job uses which objective is ``jobs.JOBS``'s to say (``JobSpec.objective``); the job
+builds it with ``Objective.for_job(train_spec, ref_logps=..., tp_group=..., vocab_size=...)``.
 
 ``gaussian_weight`` is the generator's weight U(s) = exp(-(s - mu)^2 / (2 sigma^2)).
 """
@@ -53,7 +56,6 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
 
 class Objective:
-    kind: str = ""
     rows_per_item: int = 1
     train_keys: tuple[str, ...] = ("loss",)
     eval_keys: tuple[str, ...] = ()
@@ -61,6 +63,12 @@ class Objective:
     def __init__(self, *, tp_group: Any, vocab_size: int):
         self.tp_group = tp_group
         self.vocab_size = vocab_size
+
+    @classmethod
+    def for_job(cls, spec: Any, *, ref_logps: torch.Tensor | None, tp_group: Any, vocab_size: int) -> "Objective":
+        """This objective for a job's recipe train section (``ref_logps``: the reference table, when
+        the job's ``JobSpec.reference`` asked for one, else None)."""
+        return cls(tp_group=tp_group, vocab_size=vocab_size)
 
     def train_loss(self, hidden: torch.Tensor, weight: torch.Tensor, mb: Any) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -72,12 +80,15 @@ class Objective:
 
 
 class SFTObjective(Objective):
-    kind = "solver-sft"
     eval_keys = ("nll", "tokens")
 
     def __init__(self, *, normalization: str = "token", **kw):
         super().__init__(**kw)
         self.normalization = normalization
+
+    @classmethod
+    def for_job(cls, spec, *, ref_logps, tp_group, vocab_size):
+        return cls(normalization=spec.normalization, tp_group=tp_group, vocab_size=vocab_size)
 
     def train_loss(self, hidden, weight, mb):
         loss = _kernels().fused_linear_wsft_loss(
@@ -87,7 +98,6 @@ class SFTObjective(Objective):
 
 
 class WSFTObjective(SFTObjective):
-    kind = "generator-wsft"
 
     def train_loss(self, hidden, weight, mb):
         loss = _kernels().fused_linear_wsft_loss(
@@ -108,7 +118,6 @@ def _metric_mean(metrics: dict, *names: str) -> torch.Tensor | None:
 
 
 class DPOObjective(Objective):
-    kind = "solver-dpo"
     rows_per_item = 2
     train_keys = ("loss", "margin", "accuracy", "chosen_reward", "rejected_reward")
     eval_keys = ("margin", "accuracy", "chosen_logp", "rejected_logp")
@@ -117,6 +126,10 @@ class DPOObjective(Objective):
         super().__init__(**kw)
         self.spec = spec
         self.ref = ref_logps  # [N_items, 2] (chosen, rejected), or None when reference-free
+
+    @classmethod
+    def for_job(cls, spec, *, ref_logps, tp_group, vocab_size):
+        return cls(spec=spec, ref_logps=ref_logps, tp_group=tp_group, vocab_size=vocab_size)
 
     def _ref(self, mb) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.spec.reference_free or self.spec.loss_type == "simpo" or self.ref is None:
