@@ -16,6 +16,7 @@ validate it in that class's ``check()`` if it has a range. Loading handles the r
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import types
 import typing
@@ -536,6 +537,49 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+# Line of each dotted key ("solver.dpo.beta", "slurm.solver.env_setup[0]") of the recipe file
+# being loaded, so a bad value is reported as FILE:LINE (issue 20). Set by load_recipe only.
+_KEY_LINES: dict[str, int] = {}
+_KEY_LINES_FILE: str | None = None
+
+
+def _yaml_key_lines(text: str) -> dict[str, int]:
+    """Dotted key path -> 1-based line, from the YAML node tree (plain safe_load forgets lines)."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    out: dict[str, int] = {}
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                sub = f"{path}.{k.value}" if path else str(k.value)
+                out.setdefault(sub, k.start_mark.line + 1)
+                walk(v, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                sub = f"{path}[{i}]"
+                out.setdefault(sub, v.start_mark.line + 1)
+                walk(v, sub)
+
+    walk(root, "")
+    return out
+
+
+def _at(where: str, path: str) -> str:
+    """``where`` with the recipe line of ``path`` (or of its closest written parent) appended."""
+    if where != _KEY_LINES_FILE or not _KEY_LINES:
+        return where
+    while path:
+        if path in _KEY_LINES:
+            return f"{where}:{_KEY_LINES[path]}"
+        path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path) if re.search(r"[.\[]", path) else ""
+    return where
+
+
 def _convert(value: Any, hint: Any, path: str, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -556,17 +600,17 @@ def _convert(value: Any, hint: Any, path: str, where: str) -> Any:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint_txt = f"; did you mean {close[0]!r}?" if close else ""
             raise RecipeError(f"{path} is {value!r}; expected one of {', '.join(repr(a) for a in args)}{hint_txt}",
-                              where=where)
+                              where=_at(where, path))
         return value
     if _is_dataclass_type(hint):
         return from_dict(hint, value, path=path, where=where)
     if hint is bool:
         if not isinstance(value, bool):
-            raise RecipeError(f"{path} must be true or false, got {value!r}", where=where)
+            raise RecipeError(f"{path} must be true or false, got {value!r}", where=_at(where, path))
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{path} must be an integer, got {value!r}", where=where)
+            raise RecipeError(f"{path} must be an integer, got {value!r}", where=_at(where, path))
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -576,22 +620,22 @@ def _convert(value: Any, hint: Any, path: str, where: str) -> Any:
                     return float(value)
                 except ValueError:
                     pass
-            raise RecipeError(f"{path} must be a number, got {value!r}", where=where)
+            raise RecipeError(f"{path} must be a number, got {value!r}", where=_at(where, path))
         return float(value)
     if hint is str:
         if not isinstance(value, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
-            raise RecipeError(f"{path} must be a string, got {value!r}", where=where)
+            raise RecipeError(f"{path} must be a string, got {value!r}", where=_at(where, path))
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise RecipeError(f"{path} must be a list, got {value!r}", where=where)
+            raise RecipeError(f"{path} must be a list, got {value!r}", where=_at(where, path))
         (item,) = args or (Any,)
         return [_convert(v, item, f"{path}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise RecipeError(f"{path} must be a mapping, got {value!r}", where=where)
+            raise RecipeError(f"{path} must be a mapping, got {value!r}", where=_at(where, path))
         return dict(value)
     return value
 
@@ -602,7 +646,7 @@ def from_dict(cls: type, data: Any, *, path: str = "", where: str = "recipe") ->
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{label} must be a mapping of keys to values, got {type(data).__name__}", where=where)
+        raise RecipeError(f"{label} must be a mapping of keys to values, got {type(data).__name__}", where=_at(where, path))
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
@@ -611,7 +655,7 @@ def from_dict(cls: type, data: Any, *, path: str = "", where: str = "recipe") ->
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             suggestion = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
-            raise RecipeError(f"unknown key {key_path!r}", where=where, fix=suggestion)
+            raise RecipeError(f"unknown key {key_path!r}", where=_at(where, key_path), fix=suggestion)
         kwargs[key] = _convert(value, hints[key], key_path, where)
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
@@ -619,7 +663,10 @@ def from_dict(cls: type, data: Any, *, path: str = "", where: str = "recipe") ->
         try:
             check()
         except ValueError as exc:
-            raise RecipeError(f"{label}: {exc}", where=where) from None
+            # "field 'time' is ...": point at that field's line when the file has it
+            m = re.search(r"field '(\w+)'", str(exc))
+            at = _at(where, f"{path}.{m.group(1)}" if m and path else (m.group(1) if m else path))
+            raise RecipeError(f"{label}: {exc}", where=at) from None
     return obj
 
 
@@ -633,19 +680,35 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     if not p.is_file():
         raise RecipeError(f"recipe not found: {path}",
                           fix="pass a YAML file path, or a name from the recipes/ folder")
+    from megatron_sz.data import read_text_lines
+
+    text = "".join(read_text_lines(p, fix="save the recipe as UTF-8"))
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
         raise RecipeError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
+    if data is None:
+        # An empty file would otherwise load as all defaults and fail later on whatever
+        # default needs something (it was reported as a tokenizer problem, issue 20).
+        raise RecipeError("the recipe file is empty (or only comments)", where=str(p),
+                          fix="start from recipes/local-tiny.yaml; see recipes/README.md")
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe is a mapping of keys to values, this file holds a {type(data).__name__}",
+                          where=f"{p}:1", fix="start from recipes/local-tiny.yaml; see recipes/README.md")
     for dotted, value in (overrides or {}).items():
         node = data
         keys = dotted.split(".")
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
-    recipe = from_dict(Recipe, data, where=str(p))
+    global _KEY_LINES, _KEY_LINES_FILE
+    _KEY_LINES, _KEY_LINES_FILE = _yaml_key_lines(text), str(p)
+    try:
+        recipe = from_dict(Recipe, data, where=str(p))
+    finally:
+        _KEY_LINES, _KEY_LINES_FILE = {}, None
     recipe.source = str(p.resolve())
     _check_models_and_layouts(recipe)
     return recipe

@@ -47,12 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = args.func(args)
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `megatron-sz status RUN | head`: the reader has gone, which is not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain either,
+        # and exit like a tool killed by SIGPIPE would (128 + 13).
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return int(code or 0)
 
 
