@@ -246,7 +246,7 @@ def _run(kind: str, job: JobSpec, recipe: Any, data_path: Path, init: str | None
             summary["eval_start"] = _evaluate(s, engine, data.held, logger, step=0)
         progress = _steps(s, start, model, data, engine, logger, guard)
         if progress.exit_code == 0:
-            hf_dir = _finish(s, start, model, data, engine, logger, progress, summary)
+            summary["eval_end"], hf_dir = _finish(s, start, model, data, engine, logger, progress)
     finally:
         logger.close()
     rates = progress.tokens_per_s
@@ -417,7 +417,7 @@ def _save(s: _Setting, model: _Model, plan: Any, step: int) -> str:
 
     extra = {**_checkpoint_identity(s, plan), "total_steps": plan.total_steps, "seed": s.seed}
     return state.save(s.out, chunks=model.chunks, optimizer=model.optimizer, step=step, extra=extra,
-                      world_rank=s.rank)
+                      world_rank=s.rank, keep=s.spec.keep_checkpoints, final=step >= plan.total_steps)
 
 
 def _engine(s: _Setting, model: _Model, data: _Data, ref_path: str | None, *, pad_id: int) -> Any:
@@ -521,15 +521,15 @@ def _step_line(job: JobSpec, step: int, res: Any, *, lr: float, tps: float, mfu:
 
 
 def _finish(s: _Setting, start: _Start, model: _Model, data: _Data, engine: Any, logger: Any,
-            p: _Progress, summary: dict) -> str | None:
+            p: _Progress) -> tuple[dict | None, str | None]:
     """Final checkpoint (not again when a finished run is re-run), final eval, HF export.
-    Returns the HF folder, or None without ``export_hf``."""
+    Returns (the final eval metrics, the HF folder or None without ``export_hf``)."""
     from megatron_sz.train import state
 
     if not (model.resumed and model.start == data.plan.total_steps and state.has_checkpoint(s.out)):
         p.checkpoint = _save(s, model, data.plan, p.step)
-    summary["eval_end"] = _evaluate(s, engine, data.held, logger, step=p.step)
-    return _export_hf(s.out, start.tok, rank=s.rank) if s.spec.export_hf else None
+    eval_end = _evaluate(s, engine, data.held, logger, step=p.step)
+    return eval_end, (_export_hf(s.out, start.tok, rank=s.rank) if s.spec.export_hf else None)
 
 
 def _read_json(path: Path) -> dict:
@@ -592,7 +592,7 @@ def _reference_logps(items: list, *, out: Path, ref_path: str | None, start: int
     if ref_path:
         raise CheckpointError(f"--ref-logps {ref_path} does not exist", fix="drop the flag to compute them here")
     if start > 0:
-        raise CheckpointError("resuming solver-dpo but the reference log-probs file is gone; the policy has "
+        raise CheckpointError("resuming a job whose reference log-probs file is gone; the policy has "
                               "moved since the round started, so they cannot be recomputed", where=str(path),
                               fix="restore ref_logps.pt, or restart the job in a fresh --out directory")
     t0 = time.perf_counter()
