@@ -1,21 +1,22 @@
 """Parallel-layout planner: per-GPU memory of a Megatron-Core training layout, by arithmetic.
 
-No Megatron, no torch: it reads an HF ``config.json`` dict and counts. It runs in
-milliseconds, so users try layouts before asking SLURM for GPUs.
+No Megatron, no torch: it reads an HF ``config.json`` dict (parsed, and the layout
+checked, by ``megatron_sz.model_shape``, the same rules the Megatron adapter builds by)
+and counts. It runs in milliseconds, so users try layouts before asking SLURM for GPUs.
 
 What it counts, per pipeline stage (the report shows the worst stage):
 
 * **Parameters**, exactly as Megatron-Core shards them:
-  - vocabulary padded to a multiple of ``vocab_divisible_by * tp`` (Megatron's
-    ``make_vocab_size_divisible_by``); the embedding is on the first stage, the LM head
+  - vocabulary padded to a multiple of ``lcm(vocab_divisible_by, tp)`` (our build's rule,
+    see ``model_shape.padded_vocab``); the embedding is on the first stage, the LM head
     (``output_layer``) on the last; with tied embeddings and ``pp > 1`` the last stage
     holds its own copy of the embedding (Megatron keeps both in sync by an all-reduce);
   - attention: fused QKV (column-parallel, ``(heads + 2 * kv_heads) * head_dim`` rows,
-    split by ``tp``), output projection (row-parallel, split by ``tp``); QKV bias is
-    split, output-projection bias is replicated;
+    split by ``tp``), output projection (row-parallel, split by ``tp``); QKV bias
+    (Qwen2) is split;
   - MLP: fused gate/up ``fc1`` (``2 * intermediate`` rows) and ``fc2``, split by ``tp``;
   - replicated on every TP rank: RMSNorm weights (2 per layer, final norm on the last
-    stage), Qwen3's q/k RMSNorm (``head_dim`` each), row-parallel biases.
+    stage), Qwen3's q/k RMSNorm (``head_dim`` each).
 * **Gradients**: Megatron's DDP keeps fp32 ``main_grad`` buffers (4 bytes/param) when
   training in bf16/fp16 (``accumulate_allreduce_grads_in_fp32``); in fp32, also 4 bytes.
   Not sharded by the distributed optimizer (it reduce-scatters into a full buffer).
@@ -60,110 +61,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_sz.errors import LayoutError
+from megatron_sz.model_shape import ModelShape, check_layout, model_shape, padded_vocab
 
 GiB = float(1 << 30)
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
-
-
-# --------------------------------------------------------------------------- model shape
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of an HF decoder config that memory depends on."""
-
-    model_type: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool
-    qk_norm: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    max_positions: int | None
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict, *, where: str = "config") -> "ModelShape":
-        if not isinstance(cfg, dict):
-            raise LayoutError(f"model config must be a mapping, got {type(cfg).__name__}", where=where)
-        model_type = str(cfg.get("model_type") or "").lower()
-        if not model_type:
-            archs = cfg.get("architectures") or []
-            arch = str(archs[0]).lower() if archs else ""
-            for t in SUPPORTED_MODEL_TYPES:
-                if arch.startswith(t):
-                    model_type = t
-                    break
-        if cfg.get("num_experts") or cfg.get("num_local_experts") or "moe" in model_type:
-            raise LayoutError(f"model_type {model_type!r} is a mixture-of-experts model; the planner covers dense "
-                              "decoders only", where=where, fix="use a dense Qwen3/Qwen2/Llama config")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise LayoutError(f"unsupported model_type {model_type!r}", where=f"{where}.model_type",
-                              fix=f"one of {', '.join(SUPPORTED_MODEL_TYPES)}")
-
-        def need(key: str) -> int:
-            v = cfg.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise LayoutError(f"{key} must be a positive integer, got {v!r}", where=f"{where}.{key}",
-                                  fix=f"set {key} in the HF config.json")
-            return v
-
-        hidden = need("hidden_size")
-        heads = need("num_attention_heads")
-        kv = cfg.get("num_key_value_heads") or heads
-        head_dim = cfg.get("head_dim") or (hidden // heads)
-        if not cfg.get("head_dim") and hidden % heads:
-            raise LayoutError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}",
-                              where=f"{where}.head_dim", fix="set head_dim explicitly")
-        if heads % kv:
-            raise LayoutError(f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv}",
-                              where=f"{where}.num_key_value_heads")
-        attention_bias = bool(cfg.get("attention_bias", False))
-        if model_type == "qwen2":  # Qwen2/2.5: bias on q, k, v; none on o_proj
-            qkv_bias, o_bias = True, False
-        else:
-            qkv_bias = o_bias = attention_bias
-        return cls(
-            model_type=model_type, hidden=hidden, layers=need("num_hidden_layers"), heads=heads,
-            kv_heads=int(kv), head_dim=int(head_dim), intermediate=need("intermediate_size"),
-            vocab=need("vocab_size"), tied=bool(cfg.get("tie_word_embeddings", False)),
-            qk_norm=model_type == "qwen3" or bool(cfg.get("qk_norm") or cfg.get("use_qk_norm")),
-            qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
-            max_positions=cfg.get("max_position_embeddings"),
-        )
-
-    # Unsharded HF parameter counts.
-    def layer_params(self) -> int:
-        h, d = self.hidden, self.head_dim
-        q, kv = self.heads * d, self.kv_heads * d
-        n = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate + 2 * h
-        if self.qk_norm:
-            n += 2 * d
-        if self.qkv_bias:
-            n += q + 2 * kv
-        if self.o_bias:
-            n += h
-        if self.mlp_bias:
-            n += 2 * self.intermediate + h
-        return n
-
-    def total_params(self) -> int:
-        """Parameters of the HF model (unpadded vocabulary; tied embedding counted once)."""
-        emb = self.vocab * self.hidden
-        return self.layers * self.layer_params() + emb * (1 if self.tied else 2) + self.hidden
-
-
-def padded_vocab(vocab: int, *, tp: int, divisible_by: int) -> int:
-    """Megatron's vocab padding: up to a multiple of ``divisible_by * tp``."""
-    m = divisible_by * tp
-    return int(math.ceil(vocab / m) * m)
 
 
 # --------------------------------------------------------------------------- plan
@@ -291,9 +193,10 @@ class Plan:
             lines.append(f"== {self.label}")
         lines.append(
             f"model     {m.model_type}: {self.total_params / 1e9:.3f}B params ({self.total_params:,}), "
-            f"{m.layers} layers, hidden {m.hidden}, heads {m.heads}/{m.kv_heads} kv x {m.head_dim}, "
-            f"ffn {m.intermediate}, vocab {m.vocab} -> padded {self.padded_vocab} "
-            f"(+{self.padded_vocab - m.vocab} rows), {'tied' if m.tied else 'untied'} embeddings")
+            f"{m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads}/{m.num_query_groups} "
+            f"kv x {m.head_dim}, ffn {m.ffn_hidden_size}, vocab {m.vocab_size} -> padded {self.padded_vocab} "
+            f"(+{self.padded_vocab - m.vocab_size} rows), "
+            f"{'tied' if m.tie_word_embeddings else 'untied'} embeddings")
         vpp = f" vpp={self.virtual_pp}" if self.virtual_pp else ""
         nmb = self.num_microbatches if self.num_microbatches is not None else f">={self.pp} (assumed)"
         lines.append(
@@ -340,57 +243,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _check_layout(m: ModelShape, *, tp: int, pp: int, vpp: int | None, sequence_parallel: bool,
-                  seq_len: int | None, micro_batch_size: int | None, where: str) -> None:
-    for name, v in (("tp", tp), ("pp", pp), ("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
-        if v is None and name in ("seq_len", "micro_batch_size"):
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise LayoutError(f"{name} must be a positive integer, got {v!r}", where=f"{where}.{name}")
-    ok_tp = [d for d in _divisors(m.kv_heads) if m.heads % d == 0 and m.intermediate % d == 0]
-    if m.heads % tp:
-        raise LayoutError(f"num_attention_heads {m.heads} is not divisible by tp={tp}", where=f"{where}.tp",
-                          fix=f"use tp in {ok_tp}")
-    if m.kv_heads % tp:
-        raise LayoutError(f"num_key_value_heads {m.kv_heads} (KV groups) is not divisible by tp={tp}: Megatron "
-                          "splits whole KV groups across TP ranks", where=f"{where}.tp", fix=f"use tp in {ok_tp}")
-    if m.intermediate % tp:
-        raise LayoutError(f"intermediate_size {m.intermediate} is not divisible by tp={tp}", where=f"{where}.tp",
-                          fix=f"use tp in {ok_tp}")
-    if m.layers % pp:
-        raise LayoutError(f"num_hidden_layers {m.layers} is not divisible by pp={pp}", where=f"{where}.pp",
-                          fix=f"use pp in {_divisors(m.layers)}")
-    if vpp is not None:
-        if vpp < 1:
-            raise LayoutError(f"virtual_pp must be >= 1, got {vpp}", where=f"{where}.virtual_pp")
-        if vpp > 1 and pp < 2:
-            raise LayoutError("virtual pipeline stages need pp >= 2", where=f"{where}.virtual_pp",
-                              fix="unset virtual_pp or raise pp")
-        if m.layers % (pp * vpp):
-            raise LayoutError(f"num_hidden_layers {m.layers} is not divisible by pp*virtual_pp = {pp * vpp}",
-                              where=f"{where}.virtual_pp",
-                              fix=f"use virtual_pp in {[v for v in _divisors(m.layers // pp)]}")
-    if sequence_parallel and tp < 2:
-        raise LayoutError("sequence_parallel needs tp >= 2 (it splits the TP-replicated activations)",
-                          where=f"{where}.sequence_parallel", fix="set sequence_parallel: false or tp >= 2")
-    if sequence_parallel and seq_len is not None and seq_len % tp:
-        raise LayoutError(f"with sequence_parallel the sequence length {seq_len} must be divisible by tp={tp}",
-                          where=f"{where}.seq_len", fix=f"use seq_len {seq_len + (-seq_len) % tp}")
-
-
-def check_model_layout(hf_config: dict, *, tp: int, pp: int, virtual_pp: int | None = None,
-                       sequence_parallel: bool = False, where: str = "layout") -> ModelShape:
-    """The model-dependent layout checks of ``plan_layout`` alone (used by ``load_recipe``)."""
-    m = ModelShape.from_hf_config(hf_config, where=f"{where}.model")
-    _check_layout(m, tp=tp, pp=pp, vpp=None if virtual_pp == 1 else virtual_pp,
-                  sequence_parallel=sequence_parallel, seq_len=None, micro_batch_size=None, where=where)
-    return m
-
-
 def plan_layout(hf_config: dict, *, tp: int = 1, pp: int = 1, dp: int | None = None,
                 world_size: int | None = None, seq_len: int, micro_batch_size: int = 1,
                 num_microbatches: int | None = None, global_batch_size: int | None = None,
@@ -406,20 +258,20 @@ def plan_layout(hf_config: dict, *, tp: int = 1, pp: int = 1, dp: int | None = N
     global batch is given; otherwise the pipeline is assumed full (``>= pp`` in flight).
     Raises ``LayoutError`` naming the offending field and valid values.
     """
-    m = ModelShape.from_hf_config(hf_config, where=f"{where}.model")
+    m = model_shape(hf_config, where=f"{where}.model")
     if virtual_pp == 1:
         virtual_pp = None
-    _check_layout(m, tp=tp, pp=pp, vpp=virtual_pp, sequence_parallel=sequence_parallel, seq_len=seq_len,
-                  micro_batch_size=micro_batch_size, where=where)
+    check_layout(m, tp=tp, pp=pp, vpp=virtual_pp, sequence_parallel=sequence_parallel, seq_len=seq_len,
+                 vocab_divisible_by=vocab_divisible_by, where=where)
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise LayoutError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}",
+                          where=f"{where}.micro_batch_size")
     if dtype not in DTYPE_BYTES:
         raise LayoutError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}", where=f"{where}.dtype")
     if recompute not in ("none", "selective", "full"):
         raise LayoutError(f"recompute {recompute!r} is not one of none, selective, full", where=f"{where}.recompute")
     if attention not in ("flash", "unfused"):
         raise LayoutError(f"attention {attention!r} is not one of flash, unfused", where=f"{where}.attention")
-    if isinstance(vocab_divisible_by, bool) or not isinstance(vocab_divisible_by, int) or vocab_divisible_by < 1:
-        raise LayoutError(f"vocab_divisible_by must be a positive integer, got {vocab_divisible_by!r}",
-                          where=f"{where}.vocab_divisible_by", fix="use 128 (Megatron's default)")
 
     model_par = tp * pp
     if world_size is not None:
@@ -456,8 +308,9 @@ def plan_layout(hf_config: dict, *, tp: int = 1, pp: int = 1, dp: int | None = N
                           f"pp={pp}", where=f"{where}.num_microbatches")
 
     warnings: list[str] = []
-    if m.max_positions and seq_len > m.max_positions:
-        warnings.append(f"seq_len {seq_len} exceeds the model's max_position_embeddings {m.max_positions}")
+    if seq_len > m.max_position_embeddings:
+        warnings.append(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                        f"{m.max_position_embeddings}")
     if num_microbatches is not None and pp > 1 and num_microbatches < pp:
         warnings.append(f"{num_microbatches} micro-batches for pp={pp}: the pipeline never fills "
                         f"(bubble {(pp - 1) / (num_microbatches + pp - 1):.0%}); use >= {4 * pp}")
@@ -471,32 +324,29 @@ def plan_layout(hf_config: dict, *, tp: int = 1, pp: int = 1, dp: int | None = N
     if tp > 8:
         warnings.append(f"tp={tp} spans more than one 8-GPU node: TP all-reduces would cross the network")
 
-    vpad = padded_vocab(m.vocab, tp=tp, divisible_by=vocab_divisible_by)
+    vpad = padded_vocab(m.vocab_size, tp=tp, divisible_by=vocab_divisible_by)
     pbytes = DTYPE_BYTES[dtype]
-    h, d, s, b = m.hidden, m.head_dim, seq_len, micro_batch_size
-    q, kv = m.heads * d, m.kv_heads * d
+    h, d, s, b = m.hidden_size, m.head_dim, seq_len, micro_batch_size
+    nq, ffn = m.num_attention_heads, m.ffn_hidden_size
+    q, kv = nq * d, m.num_query_groups * d
     t = tp
     # Parameters of one layer on one TP rank.
-    layer_tp = (h * (q + 2 * kv) + q * h + 3 * h * m.intermediate) // t + 2 * h
-    if m.qk_norm:
+    layer_tp = (h * (q + 2 * kv) + q * h + 3 * h * ffn) // t + 2 * h
+    if m.qk_layernorm:
         layer_tp += 2 * d
     if m.qkv_bias:
         layer_tp += (q + 2 * kv) // t
-    if m.o_bias:
-        layer_tp += h
-    if m.mlp_bias:
-        layer_tp += 2 * m.intermediate // t + h
     emb_tp = vpad // t * h
 
     # Activation bytes per token per layer (see module docstring).
     rep = 8 * h / (t if sequence_parallel else 1)
-    shard = (2 * (q + 2 * kv) + (2 * (q + kv) if m.qk_norm else 0) + 2 * q + 4 * m.heads
-             + 4 * m.intermediate + 2 * m.intermediate) / t
-    scores = 4 * m.heads * s / t if attention == "unfused" else 0.0
+    shard = (2 * (q + 2 * kv) + (2 * (q + kv) if m.qk_layernorm else 0) + 2 * q + 4 * nq
+             + 4 * ffn + 2 * ffn) / t
+    scores = 4 * nq * s / t if attention == "unfused" else 0.0
     per_tok = {"none": rep + shard + scores, "selective": rep + shard,
                "full_kept": 2 * h / (t if sequence_parallel else 1)}
     tokens = s * b
-    layers_per_stage = m.layers // pp
+    layers_per_stage = m.num_layers // pp
 
     stages = []
     for st in range(pp):
@@ -506,7 +356,7 @@ def plan_layout(hf_config: dict, *, tp: int = 1, pp: int = 1, dp: int | None = N
             n += emb_tp
         if last:
             n += h  # final norm
-            if not m.tied or pp > 1:
+            if not m.tie_word_embeddings or pp > 1:
                 n += emb_tp  # output layer, or the tied embedding's copy on the last stage
         grads = 4 * n
         opt_per_param = 12 if pbytes == 2 else 8

@@ -1,6 +1,7 @@
 """Layout planner: parameter counts against HF models (meta device), per-rank sharding
 against an independent per-tensor count, memory arithmetic, refusals, and the CLI."""
 import json
+import math
 import random
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 from megatron_sz.cli import main
 from megatron_sz.errors import LayoutError
-from megatron_sz.planner import GiB, ModelShape, check_model_layout, padded_vocab, plan_layout
+from megatron_sz.model_shape import check_model_layout, model_shape, padded_vocab
+from megatron_sz.planner import GiB, plan_layout
 
 
 def _random_config(rng: random.Random, model_type: str) -> dict:
@@ -21,12 +23,12 @@ def _random_config(rng: random.Random, model_type: str) -> dict:
            "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
            "intermediate_size": rng.choice([40, 64, 88, 120]), "num_hidden_layers": rng.choice([2, 4, 6]),
            "vocab_size": rng.randint(300, 1000), "tie_word_embeddings": rng.random() < 0.5}
-    if model_type == "llama":  # LlamaConfig insists on hidden % heads == 0 (head_dim may still differ)
+    if model_type in ("llama", "mistral"):  # LlamaConfig insists on hidden % heads == 0 (head_dim may differ)
         cfg["hidden_size"] = heads * rng.choice([8, 16, 32])
-        cfg["attention_bias"] = rng.random() < 0.5
-        cfg["mlp_bias"] = rng.random() < 0.5
-    if model_type == "qwen3":
-        cfg["attention_bias"] = rng.random() < 0.3
+    if model_type == "mistral":
+        cfg["sliding_window"] = None
+    # attention_bias / mlp_bias on Llama or Qwen3 are refused (the Megatron build has no such
+    # biases): tests/test_model_shape.py checks the refusal.
     return cfg
 
 
@@ -47,7 +49,8 @@ def _expected_rank_params(model, cfg: dict, *, tp: int, pp: int, stage: int, div
     layers = cfg["num_hidden_layers"]
     per = layers // pp
     lo, hi = stage * per, (stage + 1) * per
-    vpad = -(-cfg["vocab_size"] // (divisible_by * tp)) * divisible_by * tp
+    mult = math.lcm(divisible_by, tp)  # model_shape.padded_vocab: what the build pads to
+    vpad = -(-cfg["vocab_size"] // mult) * mult
     first, last = stage == 0, stage == pp - 1
     total = 0
     for name, p in model.named_parameters():
@@ -77,7 +80,7 @@ def _expected_rank_params(model, cfg: dict, *, tp: int, pp: int, stage: int, div
     return total
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "qwen2", "llama"])
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen2", "llama", "mistral"])
 def test_params_match_hf_and_sharding(model_type, rng_seed):
     rng = random.Random(rng_seed)
     for _ in range(3):
@@ -87,7 +90,7 @@ def test_params_match_hf_and_sharding(model_type, rng_seed):
             cfg["hidden_size"] = cfg["head_dim"] * cfg["num_attention_heads"]
         model = _hf_model(cfg)
         hf_total = sum(p.numel() for p in model.parameters())  # tied weights counted once
-        shape = ModelShape.from_hf_config(cfg)
+        shape = model_shape(cfg)
         assert shape.total_params() == hf_total, cfg
         for tp in [t for t in (1, 2, 4) if cfg["num_key_value_heads"] % t == 0 and cfg["intermediate_size"] % t == 0]:
             for pp in [p for p in (1, 2, 3) if cfg["num_hidden_layers"] % p == 0]:
@@ -95,7 +98,8 @@ def test_params_match_hf_and_sharding(model_type, rng_seed):
                 dp = rng.randint(1, 4)
                 plan = plan_layout(cfg, tp=tp, pp=pp, dp=dp, seq_len=64, micro_batch_size=1,
                                    vocab_divisible_by=div, distributed_optimizer=True)
-                assert plan.padded_vocab % (div * tp) == 0 and 0 <= plan.padded_vocab - cfg["vocab_size"] < div * tp
+                mult = math.lcm(div, tp)
+                assert plan.padded_vocab % mult == 0 and 0 <= plan.padded_vocab - cfg["vocab_size"] < mult
                 for st in plan.stages:
                     want = _expected_rank_params(model, cfg, tp=tp, pp=pp, stage=st.stage, divisible_by=div)
                     assert st.params == want, (cfg, tp, pp, st.stage)
@@ -112,7 +116,7 @@ def test_qwen3_8b_hand_arithmetic(repo_root):
     plan = plan_layout(cfg, tp=2, pp=1, world_size=8, seq_len=2048, micro_batch_size=1)
     assert plan.total_params == total
     assert abs(total / 8.19e9 - 1) < 0.005
-    vpad = 152064  # 151936 rounded up to a multiple of 128 * 2
+    vpad = 151936  # already a multiple of lcm(128, 2) = 128
     per_rank = L * ((h * (32 * d + 2 * 8 * d) + 32 * d * h + 3 * h * i) // 2 + 2 * h + 2 * d) + 2 * vpad // 2 * h + h
     w = plan.worst_stage
     assert plan.padded_vocab == vpad and plan.dp == 4
@@ -173,9 +177,9 @@ def test_activation_arithmetic(repo_root):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(tp=3), "num_attention_heads 32 is not divisible by tp=3"),
-    (dict(tp=16), "num_key_value_heads 8"),
-    (dict(pp=5), "num_hidden_layers 36 is not divisible by pp=5"),
+    (dict(tp=3), "num_attention_heads=32 is not divisible by tp=3"),
+    (dict(tp=16), "num_key_value_heads=8"),
+    (dict(pp=5), "num_hidden_layers=36 is not divisible by pp=5"),
     (dict(tp=2, pp=2, world_size=6), "world size 6 is not divisible by tp\\*pp"),
     (dict(tp=1, sequence_parallel=True), "sequence_parallel needs tp >= 2"),
     (dict(tp=2, sequence_parallel=True, seq_len=2047), "divisible by tp=2"),
@@ -203,10 +207,14 @@ def test_refuses_unsupported_models():
 
 
 def test_padded_vocab():
+    # lcm(divisible_by, tp): independent of TP for power-of-two TP, so checkpoints move between TP sizes
     assert padded_vocab(151936, tp=1, divisible_by=128) == 151936
-    assert padded_vocab(151936, tp=2, divisible_by=128) == 152064
-    assert padded_vocab(151936, tp=8, divisible_by=128) == 152576
+    assert padded_vocab(151936, tp=2, divisible_by=128) == 151936
+    assert padded_vocab(151936, tp=8, divisible_by=128) == 151936
+    assert padded_vocab(151937, tp=8, divisible_by=128) == 152064
+    assert padded_vocab(517, tp=3, divisible_by=128) == 768
     assert padded_vocab(500, tp=2, divisible_by=1) == 500
+    assert padded_vocab(501, tp=2, divisible_by=1) == 502
 
 
 def test_cli_json_and_refusal(repo_root, capsys):
@@ -238,7 +246,7 @@ def test_cli_recipe_text(capsys):
 
 
 def test_planner_imports_no_torch_or_megatron():
-    code = ("import sys, megatron_sz.planner, megatron_sz.cli.plan; "
+    code = ("import sys, megatron_sz.planner, megatron_sz.model_shape, megatron_sz.cli.plan; "
             "bad = [m for m in ('torch', 'megatron', 'megatron.core', 'transformers') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from megatron_sz.errors import LayoutError, RecipeError
-from megatron_sz.planner import check_model_layout, plan_layout
+from megatron_sz.model_shape import check_model_layout
+from megatron_sz.planner import plan_layout
 from megatron_sz.recipe import load_recipe
 
 MODEL_RECIPES = ["tiny-cpu.yaml", "qwen3-8b-solver-tp2-8gpu.yaml", "qwen3-14b-solver.yaml",
@@ -98,10 +99,10 @@ def test_wrong_type_names_field(tmp_path, repo_root):
 
 
 @pytest.mark.parametrize("role, parallel, err, match", [
-    ("solver", dict(tp=3, gpus_per_node=6), LayoutError, "num_attention_heads 32 is not divisible by tp=3"),
-    ("solver", dict(pp=5, tp=1, gpus_per_node=5), LayoutError, "num_hidden_layers 36 is not divisible by pp=5"),
+    ("solver", dict(tp=3, gpus_per_node=6), LayoutError, "num_attention_heads=32 is not divisible by tp=3"),
+    ("solver", dict(pp=5, tp=1, gpus_per_node=5), LayoutError, "num_hidden_layers=36 is not divisible by pp=5"),
     ("solver", dict(tp=4, gpus_per_node=6), RecipeError, "world size 6"),
-    ("generator", dict(tp=16, nodes=2, gpus_per_node=8), LayoutError, "num_key_value_heads 8"),
+    ("generator", dict(tp=16, nodes=2, gpus_per_node=8), LayoutError, "num_key_value_heads=8"),
 ])
 def test_impossible_layout_refused_at_load(tmp_path, repo_root, role, parallel, err, match):
     import yaml

@@ -11,14 +11,15 @@ Two ways in:
 A solver DPO micro-batch of N pairs runs 2N sequences (chosen and rejected together),
 so the solver's activations use ``2 * micro_batch_size`` sequences.
 
-Pure arithmetic (megatron_sz.planner); no torch or Megatron import, so it runs anywhere.
+Pure arithmetic (megatron_sz.planner) over the model shape and layout rules of
+megatron_sz.model_shape, the ones the Megatron adapter builds by: a layout that passes
+here builds. No torch or Megatron import, so it runs anywhere.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from megatron_sz.errors import LayoutError, UserError
 
@@ -66,19 +67,6 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-mem", type=float, default=None, help="GPU memory in GiB: report whether the plan fits")
     p.add_argument("--json", action="store_true", help="print a JSON document instead of the table")
     p.set_defaults(func=run)
-
-
-def _read_config(path: str | Path, *, where: str) -> dict:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        raise UserError(f"model config not found: {p}", where=where,
-                        fix="pass an HF config.json or a checkpoint folder that holds one")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"invalid JSON: {exc.msg}", where=f"{p}:{exc.lineno}") from None
 
 
 def _pick(flag, value):
@@ -148,7 +136,9 @@ def run(args) -> int:
     if args.recipe is not None:
         jobs = _recipe_jobs(args)
     else:
-        cfg = _read_config(args.model, where="--model")
+        from megatron_sz.model_shape import read_hf_config
+
+        cfg = read_hf_config(args.model)
         jobs = [dict(hf_config=cfg, label=str(args.model), where="flags",
                      tp=args.tp or 1, pp=args.pp or 1, virtual_pp=args.vpp, dp=args.dp,
                      world_size=args.world_size, seq_len=args.seq or 2048, micro_batch_size=args.mbs or 1,

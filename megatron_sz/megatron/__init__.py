@@ -15,9 +15,11 @@ Public API (everything else in the package is an implementation detail):
   ``load_checkpoint(root, chunks, optimizer=None) -> {"step", "path", **extra_state} | None``,
   ``latest_checkpoint(root)``
 * conversion: ``hf_to_mcore``, ``mcore_to_hf``, ``check`` (module ``convert``)
-* ``arch_from_hf_config`` / ``read_hf_config`` / ``check_layout`` / ``ModelArch``
 
-Supported: Qwen3 dense, Qwen2/2.5, Llama 3 (llama3 RoPE scaling). Not yet: GLM-4, MoE.
+The model shape (HF config parsing, supported families, layout rules) is not here: it is
+``megatron_sz.model_shape``, shared with ``plan`` and pre-flight, and has no Megatron import.
+Supported: Qwen3 dense, Qwen2/2.5, Llama 3 (llama3 RoPE scaling), Mistral without sliding
+window. Not yet: GLM-4, MoE.
 
 Imports are lazy so ``import megatron_sz.megatron`` stays cheap.
 """
@@ -37,10 +39,6 @@ _EXPORTS = {
     "pipeline_forward_logits": "megatron_sz.megatron.model",
     "unwrap": "megatron_sz.megatron.model",
     "load_hf_weights": "megatron_sz.megatron.weights",
-    "arch_from_hf_config": "megatron_sz.megatron.arch",
-    "read_hf_config": "megatron_sz.megatron.arch",
-    "ModelArch": "megatron_sz.megatron.arch",
-    "check_layout": "megatron_sz.megatron.arch",
     "save_checkpoint": "megatron_sz.megatron.checkpoint",
     "load_checkpoint": "megatron_sz.megatron.checkpoint",
     "latest_checkpoint": "megatron_sz.megatron.checkpoint",

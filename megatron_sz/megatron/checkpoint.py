@@ -262,15 +262,13 @@ def _unshare_adam_steps(optimizer) -> None:
 
 def check_checkpoint_arch(model, ckpt: Path) -> None:
     """Refuse a checkpoint whose hf_config.json describes another network."""
-    from megatron_sz.megatron.arch import arch_from_hf_config
+    from megatron_sz.model_shape import SHAPE_KEYS, model_shape
 
     cfg_path = ckpt / "hf_config.json"
     if not cfg_path.exists():
         return
-    other = arch_from_hf_config(json.loads(cfg_path.read_text()), source=str(cfg_path))
-    keys = ("model_type", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
-            "num_query_groups", "head_dim", "tie_word_embeddings", "qkv_bias", "qk_layernorm")
-    for k in keys:
+    other = model_shape(json.loads(cfg_path.read_text()), where=str(cfg_path))
+    for k in SHAPE_KEYS:
         a, b = getattr(model.arch, k), getattr(other, k)
         if a != b:
             raise CheckpointError(f"architecture mismatch: the model has {k}={a!r}, the checkpoint has {k}={b!r}",

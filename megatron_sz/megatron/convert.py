@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from megatron_sz.errors import CheckpointError, UserError
-from megatron_sz.megatron.arch import arch_from_hf_config, check_layout, read_hf_config
+from megatron_sz.model_shape import FAMILIES, check_layout, model_shape, read_hf_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -79,7 +79,7 @@ def validate_hf_folder(hf_dir: str | Path) -> tuple[dict, object]:
 
     hf_dir = Path(hf_dir)
     cfg = read_hf_config(hf_dir)
-    arch = arch_from_hf_config(cfg, source=str(hf_dir / "config.json"))
+    arch = model_shape(cfg, where=str(hf_dir / "config.json"))
     reader = HFReader(hf_dir)
     try:
         want = hf_shapes(arch)
@@ -95,7 +95,7 @@ def validate_hf_folder(hf_dir: str | Path) -> tuple[dict, object]:
             if name in want or name.endswith(_IGNORED_HF) or (name == "lm_head.weight" and arch.tie_word_embeddings):
                 continue
             raise CheckpointError(f"unexpected tensor {name!r} for model_type={arch.model_type!r}",
-                                  where=str(hf_dir), fix="wrong architecture? only dense Qwen3/Qwen2/Llama are supported")
+                                  where=str(hf_dir), fix=f"wrong architecture? supported: {', '.join(FAMILIES)}")
     finally:
         reader.close()
     return cfg, arch
@@ -125,7 +125,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     """Convert an HF folder to a Megatron dist checkpoint under ``out_dir`` (``iter_0000000`` + ``latest``)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg, arch = validate_hf_folder(hf_dir)
-    check_layout(arch, tp=tp, pp=pp)
+    check_layout(arch, tp=tp, pp=pp, vocab_divisible_by=make_vocab_size_divisible_by)
     dt = dtype or str(_dtype_of_config(cfg)).replace("torch.", "")
     args = (str(hf_dir), str(out_dir), tp, pp, dt, make_vocab_size_divisible_by, progress)
     import torch.distributed as tdist
@@ -306,7 +306,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[st
     if not cfg_path.exists():
         raise CheckpointError(f"{ckpt} has no hf_config.json", fix="convert from HF with megatron-sz convert hf-to-mcore")
     cfg = json.loads(cfg_path.read_text())
-    arch = arch_from_hf_config(cfg, source=str(cfg_path))
+    arch = model_shape(cfg, where=str(cfg_path))
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output folder {out} is not empty", fix="choose a new folder or pass --overwrite")
@@ -427,8 +427,7 @@ def _export(ckpt: Path, cfg: dict, arch, tmp: Path, *, out_dtype, max_bytes: int
     if final_dtype:
         cfg_out["dtype"] = final_dtype
         cfg_out.pop("torch_dtype", None)
-    cfg_out.setdefault("architectures", [{"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                          "llama": "LlamaForCausalLM"}[arch.model_type]])
+    cfg_out.setdefault("architectures", [FAMILIES[arch.model_type].architecture])
     (tmp / "config.json").write_text(json.dumps(cfg_out, indent=2) + "\n")
     for src in (ckpt.parent, ckpt):
         _copy_side_files(src, tmp)

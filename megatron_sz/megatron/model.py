@@ -12,14 +12,20 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import math
+
 import torch
 
 from megatron_sz.errors import LayoutError, UserError
-from megatron_sz.megatron.arch import ModelArch, check_layout, llama3_inv_freq, parse_hf_config
 from megatron_sz.megatron.cpu_shim import ensure_cpu_shim
+from megatron_sz.model_shape import ModelShape, check_layout, parse_hf_config
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+# ModelShape.activation -> the gated MLP's activation (model_shape.ACTIVATIONS lists what parses).
+_ACTIVATIONS = {"silu": torch.nn.functional.silu}
 
 
 def resolve_dtype(dtype: Any) -> torch.dtype:
@@ -72,7 +78,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, *, vpp: int | None = None, see
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def transformer_config(arch: ModelArch, *, tp: int, pp: int, vpp: int | None = None,
+def transformer_config(arch: ModelShape, *, tp: int, pp: int, vpp: int | None = None,
                        params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                        recompute: str | None = None, **overrides):
     """The ``TransformerConfig`` for ``arch`` (keyword overrides win)."""
@@ -89,7 +95,7 @@ def transformer_config(arch: ModelArch, *, tp: int, pp: int, vpp: int | None = N
         normalization="RMSNorm",
         layernorm_epsilon=arch.norm_eps,
         gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
+        activation_func=_ACTIVATIONS[arch.activation],
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         qk_layernorm=arch.qk_layernorm,
@@ -125,7 +131,7 @@ def transformer_config(arch: ModelArch, *, tp: int, pp: int, vpp: int | None = N
     return TransformerConfig(**kw)
 
 
-def layer_spec(arch: ModelArch):
+def layer_spec(arch: ModelShape):
     """TE spec on GPU with TransformerEngine; local spec otherwise (SDPA core attention on CPU)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -149,7 +155,7 @@ def build_model(hf_config: Any, *, tp: int | None = None, pp: int | None = None,
     ``tp``/``pp`` default to the already-initialised parallel state and must match it.
     ``init_weights=False`` skips random init (faster when weights are loaded next).
     Built from a checkpoint folder, the vocab padding is the checkpoint's own.
-    Each chunk gets ``chunk.hf_config`` (dict), ``chunk.arch`` (ModelArch),
+    Each chunk gets ``chunk.hf_config`` (dict), ``chunk.arch`` (``model_shape.ModelShape``),
     ``chunk.true_vocab_size`` and ``chunk.padded_vocab_size``.
     """
     from megatron.core import parallel_state
@@ -157,17 +163,21 @@ def build_model(hf_config: Any, *, tp: int | None = None, pp: int | None = None,
 
     ensure_cpu_shim()
     cfg, arch = parse_hf_config(hf_config)
-    if not parallel_state.model_parallel_is_initialized():
-        raise RuntimeError("call initialize_parallel(tp, pp) before build_model")
-    cur_tp = parallel_state.get_tensor_model_parallel_world_size()
-    cur_pp = parallel_state.get_pipeline_model_parallel_world_size()
+    initialised = parallel_state.model_parallel_is_initialized()
+    cur_tp = parallel_state.get_tensor_model_parallel_world_size() if initialised else None
+    cur_pp = parallel_state.get_pipeline_model_parallel_world_size() if initialised else None
     tp = cur_tp if tp is None else tp
     pp = cur_pp if pp is None else pp
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() if initialised else None
+    # The model's own rules first (the same ones `plan` and pre-flight apply), then the world.
+    if tp is not None and pp is not None:
+        check_layout(arch, tp=tp, pp=pp, vpp=vpp, sequence_parallel=sequence_parallel,
+                     vocab_divisible_by=make_vocab_size_divisible_by)
+    if not initialised:
+        raise RuntimeError("call initialize_parallel(tp, pp) before build_model")
     if (tp, pp) != (cur_tp, cur_pp):
         raise LayoutError(f"build_model(tp={tp}, pp={pp}) but the parallel state is tp={cur_tp}, pp={cur_pp}",
                           fix="call initialize_parallel with the same sizes")
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    check_layout(arch, tp=tp, pp=pp, vpp=vpp or 1)
     if sequence_parallel and tp > 1 and not have_transformer_engine():
         from megatron.core.models.gpt import gpt_layer_specs
 
@@ -206,7 +216,7 @@ def build_model(hf_config: Any, *, tp: int | None = None, pp: int | None = None,
     return chunks
 
 
-def padded_vocab_size_for(source: Any, arch: ModelArch, *, tp: int, make_vocab_size_divisible_by: int = 128) -> int:
+def padded_vocab_size_for(source: Any, arch: ModelShape, *, tp: int, make_vocab_size_divisible_by: int = 128) -> int:
     """Padded vocab rows: a checkpoint's own padding when building from one (so e.g. a
     TP=3 checkpoint, padded to a multiple of 384, loads at TP=1), else the usual rule."""
     from pathlib import Path
@@ -249,7 +259,7 @@ def _mark_tensor_parallel_params(model) -> None:
             set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=stride)
 
 
-def _set_rope(model, arch: ModelArch) -> None:
+def _set_rope(model, arch: ModelShape) -> None:
     """Use exactly HF's inverse frequencies (fp32), including llama3 scaling."""
     rope = getattr(model, "rotary_pos_emb", None)
     if rope is None:
@@ -261,6 +271,23 @@ def _set_rope(model, arch: ModelArch) -> None:
     if arch.rope.get("rope_type") == "llama3":
         inv = llama3_inv_freq(inv, arch.rope)
     rope.inv_freq = inv
+
+
+def llama3_inv_freq(inv_freq, rope: dict):
+    """HF's ``llama3`` RoPE frequency transform, with all four parameters honoured
+    (Megatron's built-in version hard-codes low=1, high=4, original=8192)."""
+    factor = float(rope["factor"])
+    low = float(rope["low_freq_factor"])
+    high = float(rope["high_freq_factor"])
+    old_len = float(rope["original_max_position_embeddings"])
+    low_wavelen = old_len / low
+    high_wavelen = old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def unwrap(model):

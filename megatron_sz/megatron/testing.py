@@ -19,12 +19,16 @@ def make_tiny_hf_model(out_dir: str | Path, kind: str = "qwen3", *, tied: bool =
                        num_layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: Optional[int] = 24,
                        init_std: float = 0.2, rope_theta: float = 10000.0, rope_scaling: Optional[dict] = None,
                        max_position_embeddings: int = 256, **extra) -> Path:
-    """Save a random ``kind`` in {"qwen3", "qwen2", "llama"} model to ``out_dir``; return the path."""
+    """Save a random ``kind`` in {"qwen3", "qwen2", "llama", "mistral"} model to ``out_dir``; return the path.
+
+    Mistral is saved with ``sliding_window=None`` (the only Mistral megatron-sz builds)
+    unless ``extra`` says otherwise.
+    """
     import torch
     import transformers
 
     classes = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-               "llama": ("LlamaConfig", "LlamaForCausalLM")}
+               "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
     cfg_cls, model_cls = (getattr(transformers, n) for n in classes[kind])
     rope = {"rope_type": "default", "rope_theta": rope_theta}
     if rope_scaling:
@@ -35,6 +39,8 @@ def make_tiny_hf_model(out_dir: str | Path, kind: str = "qwen3", *, tied: bool =
               initializer_range=init_std, rope_parameters=rope)
     if head_dim is not None:
         kw["head_dim"] = head_dim
+    if kind == "mistral":
+        kw["sliding_window"] = None
     kw.update(extra)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kw)).eval()

@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 
 from megatron_sz.errors import CheckpointError
-from megatron_sz.megatron.arch import ModelArch, arch_from_hf_config, read_hf_config
+from megatron_sz.model_shape import SHAPE_KEYS, ModelShape, parse_hf_config
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -153,7 +153,7 @@ def _expect(reader: HFReader, name: str, shape: tuple[int, ...]) -> None:
                               where=str(reader.dir), fix="the weights do not match config.json (wrong architecture?)")
 
 
-def hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+def hf_shapes(arch: ModelShape) -> dict[str, tuple[int, ...]]:
     """Expected HF tensor shapes for ``arch`` (used to validate before reading)."""
     H, d, nq, ng, F = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups, arch.ffn_hidden_size
     out = {"model.embed_tokens.weight": (arch.vocab_size, H), "model.norm.weight": (H,)}
@@ -176,7 +176,7 @@ def hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def build_shard(reader: HFReader, recipe: Recipe, arch: ModelArch, *, tp: int, rank: int,
+def build_shard(reader: HFReader, recipe: Recipe, arch: ModelShape, *, tp: int, rank: int,
                 padded_vocab: int) -> torch.Tensor:
     """This TP rank's Megatron tensor for ``recipe``, reading only the needed slices."""
     shapes = hf_shapes(arch)
@@ -238,12 +238,10 @@ def iter_param_recipes(model) -> Iterator[tuple[str, torch.nn.Parameter, Recipe]
         yield name, param, recipe
 
 
-def check_same_arch(model_arch: ModelArch, hf_dir: str | Path) -> None:
+def check_same_arch(model_arch: ModelShape, hf_dir: str | Path) -> None:
     """Refuse an HF folder whose config differs from the model's in any shape-defining key."""
-    other = arch_from_hf_config(read_hf_config(hf_dir), source=str(Path(hf_dir) / "config.json"))
-    keys = ("model_type", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
-            "num_query_groups", "head_dim", "tie_word_embeddings", "qkv_bias", "qk_layernorm")
-    for k in keys:
+    _, other = parse_hf_config(str(hf_dir))
+    for k in SHAPE_KEYS:
         a, b = getattr(model_arch, k), getattr(other, k)
         if a != b:
             raise CheckpointError(f"architecture mismatch: the model has {k}={a!r}, {hf_dir} has {k}={b!r}",
