@@ -16,25 +16,23 @@ first, so a user fixes a whole file in one pass:
 
 What is unusual here:
 
-* Snippets run in ONE long-lived child process (importing sympy once, not 100 times),
-  one request at a time, each under ``signal.alarm`` plus a parent-side deadline. A
-  snippet that hangs or kills the child only costs that snippet: the parent restarts the
-  child and carries on with the next one.
-* The snippet sees restricted builtins, and ``import`` is limited to sympy, math,
-  fractions and itertools. That keeps honest snippets honest and catches accidents
-  (reading files, network); it is NOT a security sandbox -- sympy itself can reach
-  anything. Only validate files you would be willing to run.
+* Snippets (and the math-verify parse of each answer) run in ``megatron_sz.sandbox``,
+  the project's one place for code it did not write: a fresh process per snippet inside
+  bubblewrap + seccomp, with sympy imported once in the pool's fork server and
+  site-packages bound read-only. A snippet that hangs, crashes or tries to escape only
+  costs that snippet. Imports are limited to sympy, math, fractions and itertools by a
+  static policy check: that keeps honest snippets honest and names the mistake; the
+  sandbox, not that check, is the security boundary (``sympy.sympify`` alone can reach
+  ``os``).
 * All answer equivalence goes through ``megatron_sz.verify`` (the same rules the
   solver is graded with), so a seed that the verifier cannot grade fails here first.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import os
 import re
-import select
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -436,7 +434,7 @@ def _check_duplicates(report: SeedReport, entries: list[tuple[int, Problem, str 
 
 def run_snippets(snippets: list[tuple[Any, str]], *, timeout_s: float = 10.0,
                  progress: bool = False) -> dict[Any, dict]:
-    """Run ``answer_code`` snippets in a child process; key -> result dict.
+    """Run ``answer_code`` snippets in the sandbox; key -> result dict.
 
     A result is ``{"ok": True, "latex": str, "repr": str}`` or
     ``{"ok": False, "error": str}``. Each snippet gets ``timeout_s`` seconds.
@@ -449,10 +447,74 @@ def parse_answers(answers: list[tuple[Any, str]], *, timeout_s: float = 5.0) -> 
     """Can math-verify (the verifier's parser) read each answer? key -> result dict.
 
     A result is ``{"ok": True, "parsed": bool, "repr": str}`` or ``{"ok": False, ...}``.
-    Parsing runs in the snippet child too, so a pathological answer only costs a timeout.
+    Parsing runs in the sandbox too, so a pathological answer only costs a timeout.
     """
     return _run_requests([(k, {"op": "parse", "text": a}) for k, a in answers],
                          timeout_s=timeout_s, progress=False)
+
+
+#: Modules the sandbox pool for seeds imports once, in its fork server.
+_PRELOAD = ("sympy", "math_verify")
+#: Run once per sandbox worker: math-verify builds its LaTeX parser lazily (about 170 ms of
+#: CPU that every fresh execution would otherwise pay again).
+_WARMUP = "\n".join([
+    "from math_verify import parse",
+    "for t in ('2\\\\sqrt{5}+\\\\frac{1}{2}', '(1, 3)', '[2, 5)', '\\\\{1, 2\\\\}', "
+    "'3\\\\pi', '(-\\\\infty, 2) \\\\cup (3, \\\\infty)', 'x^2-1', '\\\\dfrac{3}{4}', "
+    "'2+3i', '45^\\\\circ', '\\\\text{(B)}'):",
+    "    parse('$' + t + '$', parsing_timeout=None)",
+    "import sympy",
+    "sympy.latex(sympy.sqrt(8) / 3 + sympy.pi)"])
+_SNIPPET_MEMORY = 4 << 30
+
+
+@functools.lru_cache(maxsize=1)
+def _sandbox_source() -> str:
+    """Our helpers, appended to each snippet so that they run inside the sandbox too."""
+    import inspect
+
+    return "\n\n".join([
+        "import re as _sz_re\nfrom typing import Any",
+        f"_PLAIN_NUMBER = _sz_re.compile({_PLAIN_NUMBER.pattern!r})",
+        inspect.getsource(render_answer), inspect.getsource(_parse_one)])
+
+
+def _task(req: dict, timeout_s: float):
+    """The sandbox task for one request, or an error dict when the policy rejects it."""
+    from megatron_sz.sandbox import Task, check_policy
+
+    helpers = _sandbox_source()
+    if req["op"] == "parse":
+        return Task(helpers, call="_parse_one", args=(req["text"],), timeout=timeout_s,
+                    memory=_SNIPPET_MEMORY)
+    policy = check_policy(req["code"], banned=(), allowed_imports=ALLOWED_IMPORTS,
+                          nondeterministic=())
+    if not policy.ok:
+        return {"ok": False, "error": "; ".join(policy.reasons)}
+    return Task(req["code"] + "\n\n" + helpers, expr="(render_answer(answer), repr(answer)[:200])",
+                timeout=timeout_s, memory=_SNIPPET_MEMORY)
+
+
+def _decode(req: dict, res, timeout_s: float) -> dict:
+    """A sandbox ``Result`` as the result dict the seed checks read."""
+    if res.status == "ok":
+        try:
+            value = res.value()
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return {"ok": False, "error": "returned something that is not a literal"}
+        if req["op"] == "parse":
+            return value if isinstance(value, dict) else {"ok": False, "error": "bad parse"}
+        latex, rep = value
+        return {"ok": True, "latex": latex, "repr": rep}
+    if res.status == "timeout":
+        return {"ok": False, "error": f"timed out after {timeout_s:g}s"}
+    if res.status == "memory":
+        return {"ok": False, "error": f"ran out of memory ({_SNIPPET_MEMORY >> 30} GiB limit)"}
+    if res.error_type == "NameError" and "'answer'" in (res.error or ""):
+        return {"ok": False, "error": "the snippet did not assign a variable named `answer`"}
+    if res.error_type:
+        return {"ok": False, "error": f"raised {res.error_type}: {res.error}"[:300]}
+    return {"ok": False, "error": f"{res.status}: {res.error or 'no result'}"[:300]}
 
 
 def _run_requests(requests: list[tuple[Any, dict]], *, timeout_s: float,
@@ -460,112 +522,37 @@ def _run_requests(requests: list[tuple[Any, dict]], *, timeout_s: float,
     results: dict[Any, dict] = {}
     if not requests:
         return results
+    from megatron_sz import sandbox
+
+    pool = sandbox.shared(preload=_PRELOAD, site_packages=True, warmup=_WARMUP)
+    todo: list[tuple[Any, dict, Any]] = []
+    for key, req in requests:
+        task = _task(req, timeout_s)
+        if isinstance(task, dict):
+            results[key] = task
+        else:
+            todo.append((key, req, task))
     bar = None
     if progress:
         try:
             from tqdm import tqdm
 
             bar = tqdm(total=len(requests), desc="seed checks", unit="check",
-                       file=sys.stderr, leave=False)
+                       file=sys.stderr, leave=False, initial=len(results))
         except ImportError:  # pragma: no cover
             bar = None
-    child: _Child | None = None
+    step = 4 * pool.config.workers
     try:
-        for key, req in requests:
-            if child is None:
-                child = _Child()
-            res = child.run(req, timeout_s)
-            if res.get("_dead"):
-                child.kill()
-                child = None
-                res.pop("_dead")
-            results[key] = res
+        for i in range(0, len(todo), step):
+            chunk = todo[i:i + step]
+            for (key, req, _), res in zip(chunk, pool.run_batch([t for _, _, t in chunk])):
+                results[key] = _decode(req, res, timeout_s)
             if bar is not None:
-                bar.update(1)
+                bar.update(len(chunk))
     finally:
-        if child is not None:
-            child.close()
         if bar is not None:
             bar.close()
     return results
-
-
-class _Child:
-    """A ``python -m megatron_sz.seeds --snippet-worker`` process speaking JSON lines."""
-
-    START_S = 60.0  # sympy import on a busy 2-core machine
-    GRACE_S = 2.0  # beyond the snippet's own alarm: covers C code that ignores signals
-
-    def __init__(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONIOENCODING"] = "utf-8"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "megatron_sz.seeds", "--snippet-worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, encoding="utf-8", env=env, bufsize=1)
-        ready = self._readline(self.START_S)
-        if ready is None or json.loads(ready).get("ready") is not True:
-            self.kill()
-            raise RuntimeError("the answer_code worker process failed to start")
-
-    def _readline(self, timeout: float) -> str | None:
-        assert self.proc.stdout is not None
-        r, _, _ = select.select([self.proc.stdout], [], [], max(timeout, 0.0))
-        if not r:
-            return None
-        line = self.proc.stdout.readline()
-        return line or None
-
-    def run(self, request: dict, timeout_s: float) -> dict:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(json.dumps(dict(request, timeout=timeout_s)) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return {"ok": False, "error": "snippet worker died", "_dead": True}
-        line = self._readline(timeout_s + self.GRACE_S)
-        if line is None:
-            alive = self.proc.poll() is None
-            why = (f"timed out after {timeout_s:g}s" if alive
-                   else f"crashed the snippet worker (exit code {self.proc.returncode})")
-            return {"ok": False, "error": why, "_dead": True}
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            return {"ok": False, "error": "snippet worker sent garbage", "_dead": True}
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    def close(self) -> None:
-        try:
-            if self.proc.stdin:
-                self.proc.stdin.close()
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-
-# ---- child side (runs in the worker process) -------------------------------------------
-
-_SAFE_BUILTINS = (
-    "abs all any bin bool chr complex dict divmod enumerate filter float frozenset hash hex "
-    "int isinstance issubclass iter len list map max min next oct ord pow print range "
-    "repr reversed round set slice sorted str sum tuple zip True False None "
-    "ArithmeticError AssertionError Exception IndexError KeyError StopIteration "
-    "TypeError ValueError ZeroDivisionError").split()
-
-
-def _restricted_import(name, globals=None, locals=None, fromlist=(), level=0):  # noqa: A002
-    import builtins
-
-    root = name.split(".")[0]
-    if level != 0 or root not in ALLOWED_IMPORTS:
-        raise ImportError(f"import of {name!r} is not allowed in answer_code "
-                          f"(allowed: {', '.join(ALLOWED_IMPORTS)})")
-    return builtins.__import__(name, globals, locals, fromlist, level)
 
 
 def render_answer(value: Any) -> str:
@@ -619,71 +606,3 @@ def _parse_one(text: str) -> dict:
     got = parse(f"${text}$", parsing_timeout=None)
     parsed = bool(got) and not isinstance(got[0], str)
     return {"ok": True, "parsed": parsed, "repr": repr(got[0])[:200] if got else ""}
-
-
-def _worker_main() -> int:  # pragma: no cover - exercised through run_snippets
-    import builtins
-    import signal
-
-    try:
-        import resource
-
-        gib = 4 * 1024 ** 3
-        resource.setrlimit(resource.RLIMIT_AS, (gib, gib))
-    except (ImportError, ValueError, OSError):
-        pass
-    import fractions  # noqa: F401  (pre-import the allowed modules once)
-    import itertools  # noqa: F401
-    import math  # noqa: F401
-
-    import sympy  # noqa: F401
-
-    safe = {n: getattr(builtins, n) for n in _SAFE_BUILTINS if hasattr(builtins, n)}
-    safe["__import__"] = _restricted_import
-    safe["__build_class__"] = builtins.__build_class__
-
-    class _Timeout(BaseException):
-        pass
-
-    def on_alarm(signum, frame):
-        raise _Timeout()
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    out = sys.stdout
-    sys.stdout = sys.stderr  # a snippet's print() must not corrupt the JSON-lines channel
-    out.write(json.dumps({"ready": True}) + "\n")
-    out.flush()
-    for line in sys.stdin:
-        req = json.loads(line)
-        timeout = float(req.get("timeout", 10.0))
-        env: dict[str, Any] = {"__builtins__": dict(safe), "__name__": "answer_code"}
-        try:
-            signal.setitimer(signal.ITIMER_REAL, timeout)
-            try:
-                if req.get("op") == "parse":
-                    res = _parse_one(req["text"])
-                else:
-                    exec(compile(req["code"], "<answer_code>", "exec"), env)  # noqa: S102
-                    if "answer" not in env:
-                        raise NameError("the snippet did not assign a variable named `answer`")
-                    value = env["answer"]
-                    res = {"ok": True, "latex": render_answer(value), "repr": repr(value)[:200]}
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except _Timeout:
-            res = {"ok": False, "error": f"timed out after {timeout:g}s"}
-        except MemoryError:
-            res = {"ok": False, "error": "ran out of memory (4 GiB limit)"}
-        except BaseException as exc:  # noqa: BLE001 - report whatever the snippet raised
-            res = {"ok": False, "error": f"raised {type(exc).__name__}: {exc}"[:300]}
-        out.write(json.dumps(res) + "\n")
-        out.flush()
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    if sys.argv[1:] == ["--snippet-worker"]:
-        sys.exit(_worker_main())
-    print("usage: megatron-sz seeds validate PATH  (this module's __main__ is the "
-          "answer_code worker)", file=sys.stderr)
-    sys.exit(2)

@@ -229,8 +229,9 @@ def test_missing_file_is_a_user_error(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_snippet_runner_isolation():
+def test_snippet_runner_isolation(tmp_path):
     t0 = time.monotonic()
+    marker = tmp_path / "pwned"  # a host folder the sandbox cannot see
     res = run_snippets([
         ("import", "import subprocess\nanswer = 1"),
         ("open", "answer = open('/etc/hostname').read()"),
@@ -238,13 +239,23 @@ def test_snippet_runner_isolation():
         ("after_kill", "from sympy import Rational\nanswer = Rational(6, 4)"),
         ("no_answer", "x = 1"),
         ("print", "print('noise')\nanswer = (1, 2)"),
+        # the three escapes of the old runner (issue 14): contained by the sandbox
+        ("sympify", f"import sympy\nanswer = sympy.sympify(\"__import__('os').system("
+                    f"'touch {marker}')\")"),
+        ("subclasses", "import sympy\nfor c in ().__class__.__base__.__subclasses__():\n"
+                       "    if c.__name__ == '_wrap_close':\n"
+                       f"        c.__init__.__globals__['system']('touch {marker}')\nanswer = 1"),
+        ("globals", "import sympy\nimp = sympy.sympify.__globals__['__builtins__']['__import__']\n"
+                    f"answer = imp('os').listdir('{tmp_path}')"),
     ], timeout_s=1)
     assert "not allowed" in res["import"]["error"]
-    assert "open" in res["open"]["error"]
-    assert not res["c_hang"]["ok"]
+    assert "No such file" in res["open"]["error"]  # no /etc inside the sandbox
+    assert not res["c_hang"]["ok"] and "timed out" in res["c_hang"]["error"]
     assert res["after_kill"] == {"ok": True, "latex": "\\frac{3}{2}", "repr": "3/2"}
     assert "answer" in res["no_answer"]["error"]
     assert res["print"]["latex"] == "(1, 2)"
+    assert not marker.exists()
+    assert not res["globals"]["ok"]  # the host folder does not exist in there
     assert time.monotonic() - t0 < 25
 
 

@@ -34,13 +34,14 @@ _POOLS_LOCK = threading.Lock()
 
 
 def shared(preload: tuple[str, ...] = (), site_packages: bool = False,
-           tier: str = "auto") -> Sandbox:
+           tier: str = "auto", warmup: str = "") -> Sandbox:
     """The process-wide pool for this configuration (started on first use)."""
-    key = (tuple(preload), bool(site_packages), tier)
+    key = (tuple(preload), bool(site_packages), tier, warmup)
     with _POOLS_LOCK:
         sb = _POOLS.get(key)
         if sb is None or sb._closed:
-            sb = Sandbox(Config(preload=tuple(preload), site_packages=site_packages, tier=tier))
+            sb = Sandbox(Config(preload=tuple(preload), site_packages=site_packages, tier=tier,
+                                warmup=warmup))
             _POOLS[key] = sb
         return sb
 

@@ -335,6 +335,8 @@ def main():
     sys.path[:0] = cfg["sys_path"]
     for mod in cfg["preload"]:
         __import__(mod)
+    if cfg.get("warmup"):  # OUR code (e.g. build a parser's lazy tables), never a task's
+        exec(cfg["warmup"], {"__name__": "__warmup__"})  # noqa: S102
     if cfg["tier"] == "process":
         os.chdir(cfg["wipe"][0])
         os.environ.clear()

@@ -108,6 +108,8 @@ class Config:
 
     workers: int = 0  #: 0 = one per CPU core (at most 8)
     preload: tuple[str, ...] = ()  #: modules imported once in the server (e.g. "sympy")
+    #: trusted code the server runs once after ``preload`` (warm lazy caches); never task code
+    warmup: str = ""
     site_packages: bool = False  #: bind pip's folders read-only so installed packages import
     tier: str = "auto"  #: auto | bwrap | process (env MEGATRON_SZ_SANDBOX_TIER overrides auto)
     tmp_size: int = 64 * MIB  #: tmpfs size of /tmp
@@ -409,6 +411,7 @@ class Worker:
         st_r, st_w = os.pipe()
         close_after = [req_r, res_w, st_w]
         cfg = {"tier": self.tier, "preload": list(self.cfg.preload), "sys_path": sys_path,
+               "warmup": self.cfg.warmup,
                "server_filter": seccomp.build_filter("server").hex(), "nproc": 0, "env": {}}
         preexec = None
         try:
