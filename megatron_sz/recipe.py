@@ -177,6 +177,11 @@ class TrainSpec:
     pad_to_multiple_of: int = 8  # pad each micro-batch's sequence length to a multiple of this
     seed: int | None = None  # data order + init seed; None: the recipe's top-level seed
     export_hf: bool = True
+    # "last": a job keeps only its newest checkpoint (an earlier interval or preemption save is
+    # deleted once a newer one is complete), and the final one of a finished job holds the
+    # model only: no optimizer state, which nothing reads once the job is done (the next stage
+    # starts from the weights). "all": every checkpoint, with optimizer state (issue 20).
+    keep_checkpoints: Literal["last", "all"] = "last"
     optim: OptimSpec = field(default_factory=OptimSpec)
 
     def check(self) -> None:

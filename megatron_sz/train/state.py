@@ -40,12 +40,19 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def save(out_dir: Path, *, chunks: list, optimizer: mt.TrainOptimizer, step: int, extra: dict,
-         world_rank: int) -> str:
-    """Save model (+ optimizer) at ``step`` (= number of completed steps)."""
+         world_rank: int, keep: str = "all", final: bool = False) -> str:
+    """Save model (+ optimizer) at ``step`` (= number of completed steps).
+
+    ``keep="last"`` (recipe ``keep_checkpoints``): older checkpoints of this job are deleted
+    once this one is complete, and a ``final`` one (the job's last step) is saved without
+    optimizer state: a finished job is never trained further, and its optimizer state was
+    two thirds of the tiny recipe's 114 MB run directory."""
     from megatron_sz.megatron import save_checkpoint
 
-    path = save_checkpoint(str(ckpt_root(out_dir)), chunks, optimizer.checkpointable, step=step,
-                           extra_state={**extra, "step": step})
+    lean = keep == "last" and final
+    path = save_checkpoint(str(ckpt_root(out_dir)), chunks, None if lean else optimizer.checkpointable, step=step,
+                           extra_state={**extra, "step": step, "final": bool(final)},
+                           keep_last=1 if keep == "last" else None)
     mt.barrier()
     return str(path)
 
@@ -64,7 +71,14 @@ def resume(out_dir: Path, *, chunks: list, optimizer: mt.TrainOptimizer, expect:
 
     if not has_checkpoint(out_dir):
         return None
-    extra = load_checkpoint(str(ckpt_root(out_dir)), chunks, optimizer.checkpointable)
+    from megatron_sz.megatron import latest_checkpoint
+    from megatron_sz.megatron.checkpoint import read_meta
+
+    meta = read_meta(latest_checkpoint(str(ckpt_root(out_dir))))
+    # The final checkpoint of a finished job may hold the model only (keep_checkpoints: last):
+    # re-running that job loads the weights, finds every step done and trains nothing.
+    lean = not meta.get("has_optimizer", True) and (meta.get("extra_state") or {}).get("final")
+    extra = load_checkpoint(str(ckpt_root(out_dir)), chunks, None if lean else optimizer.checkpointable)
     if extra is None:
         return None
     where = str(ckpt_root(out_dir))
@@ -87,12 +101,12 @@ def _same_data_layout(saved: Any, now: Any) -> bool:
     return isinstance(saved, (list, tuple)) and len(saved) == 3 and list(saved)[2] == list(now)[2]
 
 
-def load_ref_logps(path: Path, *, fingerprint: str, n_items: int) -> torch.Tensor:
+def load_ref_logps(path: Path, *, fingerprint: str, n_items: int, width: int = 2) -> torch.Tensor:
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(obj, dict) or "logps" not in obj:
         raise CheckpointError("not a reference log-prob file", where=str(path),
                               fix="pass a ref_logps.pt written by `megatron-sz train solver-dpo`")
-    if obj.get("fingerprint") != fingerprint or obj["logps"].shape != (n_items, 2):
+    if obj.get("fingerprint") != fingerprint or obj["logps"].shape != (n_items, width):
         raise CheckpointError(
             f"reference log-probs were computed for other pairs ({tuple(obj['logps'].shape)[0]} pairs, "
             f"fingerprint {obj.get('fingerprint')}; this job has {n_items}, {fingerprint})", where=str(path),
