@@ -58,6 +58,10 @@ class Item:
     seqs: tuple[Tokens, ...]
     weight: float = 1.0
     line: int | None = None  # 1-based line of the source record
+    # Per-item fields a job needs besides tokens (policy gradient: reward, clip bound,
+    # per-position behaviour log-probs / loss mask). A number becomes a [B] tensor in
+    # ``MicroBatch.extras``, a list (one value per position) a right-padded [B, T] tensor.
+    extras: dict = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -272,6 +276,8 @@ def fingerprint(items: list[Item], *, extra: str = "") -> str:
             h.update(",".join(map(str, s.input_ids)).encode())
             h.update(",".join(map(str, s.labels)).encode())
         h.update(repr(it.weight).encode())
+        if it.extras:
+            h.update(repr(sorted(it.extras.items())).encode())
     return h.hexdigest()[:16]
 
 
@@ -319,7 +325,17 @@ def collate(items: list[Item], *, pad_id: int, seq_len: int | None = None,
         ids[r, :len(s)] = torch.tensor(s.input_ids, dtype=torch.long)
         labels[r, :len(s)] = torch.tensor(s.labels, dtype=torch.long)
     pos = torch.arange(T, dtype=torch.long).unsqueeze(0).expand(len(rows), T).contiguous()
+    extras = {}
+    for key in items[0].extras:
+        vals = [it.extras[key] for it in items]
+        if isinstance(vals[0], (list, tuple)):
+            t = torch.zeros((len(items), T), dtype=torch.float32)
+            for r, v in enumerate(vals):
+                t[r, :len(v)] = torch.tensor(v, dtype=torch.float32)
+            extras[key] = t
+        else:
+            extras[key] = torch.tensor(vals, dtype=torch.float32)
     return MicroBatch(input_ids=ids, position_ids=pos, labels=labels,
                       weights=torch.tensor([it.weight for it in items], dtype=torch.float32),
                       item_index=torch.tensor([it.index for it in items], dtype=torch.long),
-                      num_items=len(items), num_tokens=sum(len(s) for s in rows))
+                      num_items=len(items), num_tokens=sum(len(s) for s in rows), extras=extras)
