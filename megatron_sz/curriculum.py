@@ -30,9 +30,8 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Iterable
 
-from megatron_sz.data import Problem
+from megatron_sz.data import Problem, Refinement
 # One text-similarity implementation for the whole tree (dedup, contamination, seeds);
 # re-exported here for the curriculum's callers.
 from megatron_sz.textsim import ShingleIndex, exact_key, jaccard, normalize_text, shingles  # noqa: F401
@@ -63,30 +62,9 @@ class DedupIndex:
         return None if hit is None else ("near", hit[0], hit[1])
 
 
-class ContaminationFilter:
-    """The curriculum's contamination hook: ``evaluation.contamination``'s index, the same
-    detector as ``megatron-sz eval contamination`` (word n-grams, short problems compared
-    whole; near-duplicates only when every 3-gram is shared, since the curriculum's own
-    ``DedupIndex`` handles near-duplicates among its problems).
-
-    ``ContaminationFilter.from_texts(eval_texts, n)``; ``hit(text)`` returns the shared
-    n-gram (or the normalised text for short problems), else None."""
-
-    def __init__(self, index):
-        self.index = index
-
-    @classmethod
-    def from_texts(cls, texts: Iterable[str], n: int = 13) -> "ContaminationFilter":
-        from megatron_sz.evaluation.contamination import ContaminationIndex
-
-        return cls(ContaminationIndex([t for t in texts if t], ngram=n, near_dup_threshold=1.0))
-
-    def hit(self, text: str) -> str | None:
-        overlap = self.index.check(text)
-        return None if overlap is None else overlap.shared
-
-    def __bool__(self) -> bool:
-        return bool(self.index.references)
+# The curriculum's contamination hook is the run's held-out rule (``heldout.HeldoutFilter``):
+# the same detector guards every role's training inputs.
+from megatron_sz.heldout import HeldoutFilter as ContaminationFilter  # noqa: E402
 
 
 # --------------------------------------------------------------------------- state
@@ -150,18 +128,6 @@ def select_active(pool: list[Problem], round_index: int, spec, *, seed: int) -> 
 
 
 @dataclass
-class RefinementRecord:
-    """A teacher refinement outcome as the curriculum sees it."""
-
-    key: str
-    parent_id: str
-    zone: str
-    status: str  # RefineOutcome.status, or "unverified" when self-verification rejected it
-    problem: Problem | None = None
-    reason: str = ""
-
-
-@dataclass
 class UpdateReport:
     round: int
     pool_size: int = 0
@@ -179,9 +145,9 @@ class UpdateReport:
 
 def update_curriculum(pool: list[Problem], round_index: int, spec, *,
                       outcomes: dict[str, tuple[int, int]],
-                      refinements: list[RefinementRecord],
+                      refinements: list[Refinement],
                       retire: dict[str, str],
-                      contamination: ContaminationFilter | None = None,
+                      contamination: "ContaminationFilter | None" = None,
                       ) -> tuple[list[Problem], UpdateReport]:
     """D_{t+1} from D_t.
 

@@ -1,11 +1,22 @@
 """Data contracts of a co-evolution round, and their JSONL files.
 
-Four record types flow between the roles:
+Every file that crosses a stage boundary holds one of these record types (a stage's
+``reads``/``writes`` contract names them; ``round.plan_round`` checks the contracts):
 
-* ``Problem``         -- a curriculum entry (seed, teacher refinement, generator output, user).
-* ``Trajectory``      -- one solver attempt at a problem, with its verdict.
-* ``PreferencePair``  -- (prompt, chosen, rejected) for the solver's DPO.
-* ``WeightedExample`` -- (prompt, target, weight) for the generator's weighted SFT.
+* ``Problem``          -- a curriculum entry (seed, teacher refinement, generator output, user).
+* ``Trajectory``       -- one solver attempt at a problem (a rollout).
+* ``Verdict``          -- a graded attempt: the teacher's (or a rule's) decision on a Trajectory.
+* ``PreferencePair``   -- (prompt, chosen, rejected) for the solver's DPO.
+* ``WeightedExample``  -- (prompt, target, weight) for weighted SFT (warm-up SFT is weight 1).
+* ``ScoredRollout``    -- one scored sample (prompt, completion text or token ids, reward, group,
+  task type, role) for policy-gradient training.
+* ``Refinement``       -- the teacher's attempt to write a new problem from a parent problem.
+* ``SelfVerification`` -- the teacher's re-solve of a problem every attempt failed: keep or retire.
+* ``Checkpoint``       -- not a JSONL record: a training stage's output folder (Megatron
+  checkpoint + ``hf/``), named in contracts so model hand-offs are checked like files.
+
+Files holding several record types tag each line with ``kind`` (``Refinement.KIND``);
+``read_jsonl(path, (Refinement, SelfVerification))`` dispatches on it.
 
 JSONL rules, shared by every file the project reads or writes:
 
@@ -82,6 +93,13 @@ class Trajectory:
 
 
 @dataclass
+class Verdict(Trajectory):
+    """A graded solver attempt (the verify stage's output): ``correct`` is True/False, or
+    None when neither the rule verifier nor the judge could decide; ``verifier`` says who
+    decided (``rule``, ``judge``, ``reference``; ``none`` for undecided)."""
+
+
+@dataclass
 class PreferencePair:
     """A DPO pair: the same prompt with a preferred and a dispreferred completion."""
 
@@ -119,6 +137,130 @@ class WeightedExample:
             raise ValueError(f"field 'weight': {self.weight!r} must be a finite number >= 0")
 
 
+@dataclass
+class ScoredRollout:
+    """One scored sample for policy-gradient training (``megatron-sz train policy-gradient``).
+
+    The completion is either text (``completion``; the job tokenises it and appends EOS
+    when ``finished``) or the sampled token ids (``completion_ids``, exact), optionally
+    with ``prompt_ids``. Per completion token: ``loss_mask`` (0 = no loss, e.g. a tool
+    observation) and ``old_logps`` (the sampler's log-probs, used with the recipe's
+    ``old_logps: data``). ``group_id`` ties the k samples of one prompt (GRPO, ADPO);
+    ``task_type`` and ``role`` key TRR++'s baselines (e.g. deduction/abduction/induction x
+    propose/solve); ``consistency`` is the task's self-consistency p (ADPO).
+    """
+
+    prompt: str
+    reward: float
+    completion: str | None = None
+    completion_ids: list | None = None
+    prompt_ids: list | None = None
+    loss_mask: list | None = None
+    old_logps: list | None = None
+    finished: bool = True
+    group_id: str | None = None
+    task_type: str = "default"
+    role: str = "solve"
+    consistency: float | None = None
+    problem_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise ValueError("field 'prompt' must be a string")
+        r = float(self.reward)
+        if not (r == r and abs(r) != float("inf")):
+            raise ValueError(f"field 'reward': {self.reward!r} must be a finite number")
+        if (self.completion is None) == (self.completion_ids is None):
+            raise ValueError("give exactly one of 'completion' (text) and 'completion_ids' (token ids)")
+        if self.completion is not None and not self.completion:
+            raise ValueError("field 'completion' is empty")
+        for name in ("completion_ids", "prompt_ids"):
+            ids = getattr(self, name)
+            if ids is not None and (not ids and name == "completion_ids" or
+                                    not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                            for x in ids)):
+                raise ValueError(f"field {name!r} must be a non-empty list of token ids (ints >= 0)")
+        n = len(self.completion_ids) if self.completion_ids is not None else None
+        for name in ("loss_mask", "old_logps"):
+            vals = getattr(self, name)
+            if vals is None:
+                continue
+            if n is None:
+                raise ValueError(f"field {name!r} is per completion token: it needs 'completion_ids'")
+            if len(vals) != n:
+                raise ValueError(f"field {name!r} has {len(vals)} values for {n} completion tokens")
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+                raise ValueError(f"field {name!r} must hold numbers")
+        if self.old_logps is not None and any(x > 0 or x != x for x in self.old_logps):
+            raise ValueError("field 'old_logps' holds log-probabilities: every value must be <= 0")
+        if self.consistency is not None and not 0.0 <= float(self.consistency) <= 1.0:
+            raise ValueError(f"field 'consistency' {self.consistency!r} must be in [0, 1]")
+
+
+#: RefineOutcome statuses, plus "unverified" (self-verification rejected the new problem).
+REFINE_STATUSES = ("ok", "parse_failed", "backend_failed", "rejected", "unverified")
+
+
+@dataclass
+class Refinement:
+    """One teacher refinement of ``parent_id`` (the j-th of the round: ``key`` = ``parent:j``).
+
+    ``status`` is ``ok`` when ``problem`` is a new, self-verified problem; otherwise it
+    names why there is none (e.g. ``unverified``: the teacher could not re-solve its own
+    problem). ``attempt`` is the solver text it was written from (a failure, or a success
+    for a mastered parent): the generator's training prompt."""
+
+    KIND = "refine"
+    key: str
+    parent_id: str
+    zone: str
+    status: str
+    problem: Problem | None = None
+    reason: str | None = None
+    attempt: str | None = None
+    kind: str = "refine"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "key", "parent_id", "zone", "status")
+        if self.kind != self.KIND:
+            raise ValueError(f"field 'kind' is {self.kind!r}; expected {self.KIND!r}")
+        _require_choice(self, "status", REFINE_STATUSES)
+        if self.status == "ok" and self.problem is None:
+            raise ValueError("field 'problem' is required when status is 'ok'")
+        if self.problem is not None:
+            self.problem.validate()
+
+
+@dataclass
+class SelfVerification:
+    """The teacher's self-verification of a problem every attempt failed (``key`` = ``id:sv``):
+    ``keep`` False retires the problem, with ``reason``."""
+
+    KIND = "self_verify"
+    key: str
+    parent_id: str
+    zone: str
+    keep: bool
+    reason: str | None = None
+    kind: str = "self_verify"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "key", "parent_id")
+        if self.kind != self.KIND:
+            raise ValueError(f"field 'kind' is {self.kind!r}; expected {self.KIND!r}")
+
+
+@dataclass
+class Checkpoint:
+    """A training stage's output folder; named in stage contracts, never read as JSONL."""
+
+    path: str
+    extra: dict = field(default_factory=dict)
+
+
 def _require_text(rec: Any, *names: str) -> None:
     for name in names:
         value = getattr(rec, name)
@@ -148,6 +290,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return isinstance(value, (dict, hint))
     if origin is not None:
         hint = origin
     try:
@@ -188,6 +332,10 @@ def record_from_dict(cls: type[T], obj: Any, *, where: str = "") -> T:
         raise DataError(f"missing required field(s) {', '.join(repr(m) for m in missing)}",
                         where=where, fix=f"add them; a {cls.__name__} has the fields "
                         f"{', '.join(fields)}")
+    for key, value in list(kwargs.items()):  # nested records (Refinement.problem)
+        sub = _record_type(hints[key])
+        if sub is not None and isinstance(value, dict):
+            kwargs[key] = record_from_dict(sub, value, where=f"{where} (field {key!r})" if where else key)
     rec = cls(**kwargs, extra=extra)  # type: ignore[call-arg]
     validate = getattr(rec, "validate", None)
     if validate is not None:
@@ -197,6 +345,14 @@ def record_from_dict(cls: type[T], obj: Any, *, where: str = "") -> T:
             raise DataError(str(exc), where=where,
                             fix=f"correct this {cls.__name__} record") from None
     return rec
+
+
+def _record_type(hint: Any) -> type | None:
+    """The dataclass record type inside a field annotation (``Problem | None`` -> Problem)."""
+    for h in (typing.get_args(hint) or (hint,)):
+        if dataclasses.is_dataclass(h) and isinstance(h, type):
+            return h
+    return None
 
 
 def _hint_name(hint: Any) -> str:
@@ -211,6 +367,9 @@ def record_to_dict(rec: Any) -> dict:
     if isinstance(rec, dict):
         return rec
     out = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec) if f.name != "extra"}
+    for k, v in out.items():
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            out[k] = record_to_dict(v)
     extra = getattr(rec, "extra", None) or {}
     for key, value in extra.items():
         out.setdefault(key, value)
@@ -242,6 +401,7 @@ def iter_jsonl_rows(path: str | Path, *, allow_partial_tail: bool = False,
         except json.JSONDecodeError as exc:
             if allow_partial_tail and lineno == len(lines) and not line.endswith("\n"):
                 return
+            # One line is parsed at a time, so the decoder's column is the column in this line.
             raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", where=where,
                             fix=f"each line must be one complete {what}") from None
         yield where, obj
@@ -274,10 +434,25 @@ def iter_jsonl(path: str | Path, cls: type[T] | tuple | None = None, *,
                allow_partial_tail: bool = False) -> Iterator[T]:
     """Yield records (or dicts if ``cls`` is None) from a JSONL file (see ``iter_jsonl_rows``)."""
     for where, obj in iter_jsonl_rows(path, allow_partial_tail=allow_partial_tail):
-        yield record_from_dict(cls, obj, where=where) if cls is not None else obj
+        if cls is None:
+            yield obj
+        elif isinstance(cls, tuple):
+            yield record_from_dict(_dispatch(cls, obj, where), obj, where=where)
+        else:
+            yield record_from_dict(cls, obj, where=where)
 
 
-def read_jsonl(path: str | Path, cls: type[T] | None = None, *,
+def _dispatch(classes: tuple, obj: Any, where: str) -> type:
+    """The record type of a line in a file of several types (by its ``kind`` tag)."""
+    kinds = {c.KIND: c for c in classes}
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    if kind not in kinds:
+        raise DataError(f"field 'kind' is {kind!r}; expected one of {', '.join(map(repr, kinds))}",
+                        where=where, fix="each line of this file must be tagged with its record kind")
+    return kinds[kind]
+
+
+def read_jsonl(path: str | Path, cls: type[T] | tuple | None = None, *,
                allow_partial_tail: bool = False) -> list[T]:
     return list(iter_jsonl(path, cls, allow_partial_tail=allow_partial_tail))
 
@@ -361,6 +536,5 @@ class JsonlAppender:
     def __enter__(self) -> "JsonlAppender":
         return self
 
-            # One line is parsed at a time, so the decoder's column is the column in this line.
     def __exit__(self, *exc: Any) -> None:
         self.close()

@@ -18,7 +18,7 @@ import math
 from collections import defaultdict
 from typing import Callable
 
-from megatron_sz.data import PreferencePair, Problem, Trajectory, WeightedExample
+from megatron_sz.data import PreferencePair, Problem, Refinement, Trajectory, WeightedExample
 
 GENERATOR_TEMPLATE = (
     "Original problem:\n{problem}\n\n"
@@ -111,30 +111,29 @@ def generator_prompt(parent: Problem, attempt: str | None, *, max_attempt_chars:
     return GENERATOR_TEMPLATE.format(problem=parent.problem.strip(), attempt=text)
 
 
-def build_wsft_examples(refinements: list[dict], parents: dict[str, Problem],
+def build_wsft_examples(refinements: list[Refinement], parents: dict[str, Problem],
                         rates: dict[str, tuple[int, int]], *, mu: float, sigma: float
                         ) -> tuple[list[WeightedExample], dict]:
-    """Generator examples from validated refinements.
+    """Generator examples from validated refinements (``status == "ok"``).
 
-    refinements: dicts with ``parent_id``, ``problem`` (the new Problem as a dict) and
-    ``attempt`` (the failed/succeeded solver text the teacher refined from).
     rates: new problem id -> (correct, k) of the updated solver (s_q')."""
     out: list[WeightedExample] = []
     stats = {"examples": 0, "no_rate": 0, "weight_sum": 0.0}
-    for rec in sorted(refinements, key=lambda r: r["problem"]["id"]):
-        q = rec["problem"]
-        parent = parents.get(rec["parent_id"])
+    ok = [r for r in refinements if r.status == "ok" and r.problem is not None]
+    for rec in sorted(ok, key=lambda r: r.problem.id):
+        q = rec.problem
+        parent = parents.get(rec.parent_id)
         if parent is None:
             continue
-        if q["id"] not in rates:
+        if q.id not in rates:
             stats["no_rate"] += 1
             continue
-        c, k = rates[q["id"]]
+        c, k = rates[q.id]
         s = c / k if k else 0.0
         w = gaussian_weight(s, mu=mu, sigma=sigma)
         out.append(WeightedExample(
-            prompt=generator_prompt(parent, rec.get("attempt")), target=q["problem"].strip(),
-            weight=w, problem_id=q["id"],
+            prompt=generator_prompt(parent, rec.attempt), target=q.problem.strip(),
+            weight=w, problem_id=q.id,
             weight_source={"kind": "gaussian", "success_rate": s, "correct": c, "k": k,
                            "mu": mu, "sigma": sigma}))
         stats["weight_sum"] += w

@@ -11,6 +11,10 @@ In order, each step skipped when its output already exists (the stage is resumab
 4. a SentencePiece tokenizer -> ``prepare/tokenizer/`` when ``tokenizer.train`` (trained on
    seed + warm-up text and the prompt template only, never on held-out problems);
 5. D_0 -> ``rounds/r000/pool.jsonl`` and ``active.jsonl``.
+
+Seeds (D_0) and warm-up examples that are held-out or benchmark problems
+(``heldout.for_run``) are dropped and counted (``heldout_filtered_seeds`` /
+``heldout_filtered_warmup`` in the stage marker): no role trains on them.
 """
 from __future__ import annotations
 
@@ -77,6 +81,12 @@ def prepare_run(ctx) -> dict:
     held = read_jsonl(held_path, Problem)
     info["heldout"] = len(held)
 
+    # No role trains on held-out or benchmark problems: D_0 and the warm-up data are filtered.
+    from megatron_sz import heldout
+
+    guard = heldout.for_run(ctx.rd, r)
+    seeds, info["heldout_filtered_seeds"] = guard.filter(seeds, lambda p: (p.problem,))
+
     sft_path = pdir / "sft.jsonl"
     if not sft_path.exists():
         from megatron_sz.pairs import reference_text
@@ -91,6 +101,7 @@ def prepare_run(ctx) -> dict:
                 exclude_ids={p.id for p in seeds} | {p.id for p in held})
         else:
             warm = list(seeds)
+        warm, info["heldout_filtered_warmup"] = guard.filter(warm, lambda p: (p.problem,))
         tmpl = r.solver.rollout.prompt_template
         write_jsonl(sft_path, [WeightedExample(prompt=solver_prompt(p, tmpl), target=reference_text(p),
                                                weight=1.0, problem_id=p.id) for p in warm])

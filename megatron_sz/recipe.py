@@ -240,6 +240,46 @@ class WSFTSpec(TrainSpec):
 
 
 @dataclass
+class PGSpec(TrainSpec):
+    """Policy-gradient RL on scored rollouts (``fused_linear_pg_loss``): GRPO, Dr. GRPO,
+    REINFORCE++, TRR++ (Absolute Zero), ADPO (Agent0). ``epochs`` are the PPO epochs over
+    one stage's rollouts and ``global_batch_size`` is the PPO mini-batch (one optimizer
+    step each); every step clips against the stage's starting (behaviour) policy."""
+
+    estimator: Literal["grpo", "grpo-no-std", "reinforce++", "trr++", "adpo"] = "grpo"
+    advantage_eps: float = 1e-6  # added to the std of a group / key
+    adpo_min_scale: float = 0.5  # ADPO's m in s(p) = m + (1 - m) clip((p - 0.3)/0.5, 0, 1)
+    clip_low: float = 0.2  # ratio lower bound 1 - clip_low
+    clip_high: float = 0.2  # ratio upper bound 1 + clip_high (ADPO: the base eps of eps_high(p))
+    clip_c: float | None = None  # dual clip for negative advantages (> 1), e.g. 3
+    kl_coef: float = 0.0  # KL to the stage's starting policy
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0  # entropy bonus (the loss subtracts coef x entropy)
+    aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                         "seq-mean-token-sum-norm"] = "token-mean"
+    norm_constant: float | None = None  # seq-mean-token-sum-norm's constant (None: padded length)
+    temperature: float = 1.0  # the rollouts' sampling temperature (log-probs at the same one)
+    old_logps: Literal["recompute", "data"] = "recompute"  # data: the rollouts carry them
+
+    def check(self) -> None:
+        TrainSpec.check(self)
+        if not 0 <= self.clip_low < 1:
+            raise ValueError("field 'clip_low' must be in [0, 1)")
+        if self.clip_high <= 0:
+            raise ValueError("field 'clip_high' must be > 0")
+        if self.clip_c is not None and self.clip_c <= 1:
+            raise ValueError("field 'clip_c' must be > 1 (or null: no dual clip)")
+        if self.kl_coef < 0:
+            raise ValueError("field 'kl_coef' must be >= 0")
+        if not 0 <= self.adpo_min_scale <= 1:
+            raise ValueError("field 'adpo_min_scale' must be in [0, 1]")
+        if self.temperature <= 0 or self.advantage_eps <= 0:
+            raise ValueError("fields 'temperature' and 'advantage_eps' must be > 0")
+        if self.norm_constant is not None and self.norm_constant <= 0:
+            raise ValueError("field 'norm_constant' must be > 0")
+
+
+@dataclass
 class SamplingSpec:
     temperature: float = 0.8
     top_p: float = 1.0
@@ -312,6 +352,7 @@ class SolverRole:
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     sft: SFTSpec = field(default_factory=SFTSpec)
     dpo: DPOSpec = field(default_factory=DPOSpec)
+    pg: PGSpec = field(default_factory=PGSpec)  # megatron-sz train policy-gradient
     rollout: RolloutSpec = field(default_factory=RolloutSpec)
 
 
@@ -456,8 +497,11 @@ class TokenizerSpec:
     def check(self) -> None:
         if self.train and self.kind != "sentencepiece":
             raise ValueError("field 'train' needs kind 'sentencepiece' (HF tokenizers come with the checkpoint)")
-        if self.train and self.vocab_size < 300:
-            raise ValueError("field 'vocab_size' must be >= 300 (256 byte pieces + specials + characters)")
+        from megatron_sz.tokenizer import MIN_TRAINED_VOCAB
+
+        if self.train and self.vocab_size < MIN_TRAINED_VOCAB:
+            raise ValueError(f"field 'vocab_size' must be >= {MIN_TRAINED_VOCAB} (256 byte pieces + 4 specials "
+                             "+ 95 printable characters and whitespace + newline)")
 
 
 @dataclass
@@ -493,6 +537,7 @@ class Recipe:
     """A whole co-evolution run."""
 
     name: str = "run"
+    system: str = "socratic-zero"  # the self-evolving system this recipe runs (megatron-sz systems)
     seed: int = 1234
     rounds: int = 3
     run_dir: str | None = None  # default: runs/<name>
@@ -512,8 +557,17 @@ class Recipe:
     source: str | None = field(default=None, metadata={"internal": True})
 
     def check(self) -> None:
+        import difflib
+
+        from megatron_sz.systems import SYSTEMS
+
         if self.rounds < 0:
             raise ValueError("field 'rounds' must be >= 0")
+        if self.system not in SYSTEMS:
+            close = difflib.get_close_matches(self.system, list(SYSTEMS), n=1)
+            raise ValueError(f"field 'system' is {self.system!r}; "
+                             + (f"did you mean {close[0]!r}? " if close else "")
+                             + f"registered systems: {', '.join(SYSTEMS)}")
 
     def resolve_path(self, value: str | None) -> Path | None:
         """Resolve a path written in the recipe: absolute, else relative to the recipe file,
@@ -721,7 +775,7 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
 
 def _check_models_and_layouts(recipe: Recipe) -> None:
     """Resolve model config paths, then refuse TP/PP layouts the model cannot be split into."""
-    from megatron_sz.planner import check_model_layout
+    from megatron_sz.model_shape import check_model_layout
 
     for role in ("solver", "generator"):
         section = getattr(recipe, role)
@@ -733,7 +787,10 @@ def _check_models_and_layouts(recipe: Recipe) -> None:
         except RecipeError:
             continue  # hf_path not on this machine yet: checked when the job starts
         check_model_layout(cfg, tp=section.parallel.tp, pp=section.parallel.pp,
-                           virtual_pp=section.parallel.virtual_pp, where=f"{recipe.source}: {role}.parallel")
+                           virtual_pp=section.parallel.virtual_pp,
+                           sequence_parallel=section.parallel.sequence_parallel,
+                           vocab_divisible_by=section.model.make_vocab_size_divisible_by,
+                           where=f"{recipe.source}: {role}.parallel", config_where=f"{recipe.source}: {role}.model")
 
 
 def recipe_to_dict(recipe: Any) -> dict:

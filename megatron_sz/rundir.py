@@ -155,6 +155,42 @@ class RunDir:
         p = self.marker_path(t, stage, shard)
         return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
 
+    # ------------------------------------------------------------------ running
+    def running_path(self, t: int, stage: str, shard: tuple[int, int] | None = None) -> Path:
+        return self.round_dir(t) / "_running" / self.marker_path(t, stage, shard).name
+
+    def mark_running(self, t: int, stage: str, shard: tuple[int, int] | None = None) -> Path:
+        p = self.running_path(t, stage, shard)
+        atomic_write_json(p, {"pid": os.getpid(), "host": socket.gethostname(),
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "slurm_job": _slurm_job_label()})
+        return p
+
+    def clear_running(self, t: int, stage: str, shard: tuple[int, int] | None = None) -> None:
+        try:
+            self.running_path(t, stage, shard).unlink()
+        except FileNotFoundError:
+            pass
+
+    def running(self, t: int, stage: str) -> list[dict]:
+        """Live 'running' records of a stage (any shard): the process is alive, or it ran
+        under SLURM on another host (squeue is the authority there)."""
+        base = self.round_dir(t) / "_running"
+        if not base.is_dir():
+            return []
+        out = []
+        for p in sorted(base.glob(f"{stage}.*json")):
+            if p.name != f"{stage}.json" and not p.name[len(stage) + 1:-5].replace("-of-", "").isdigit():
+                continue
+            try:
+                rec = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if rec.get("host") == socket.gethostname() and not _pid_alive(int(rec.get("pid", 0))):
+                continue  # killed: a stale record, not a running stage
+            out.append(rec)
+        return out
+
     def shards_done(self, t: int, stage: str, count: int) -> list[bool]:
         return [self.is_done(t, stage, (i, count)) for i in range(count)]
 
@@ -167,6 +203,18 @@ class RunDir:
             if p.is_dir() and p.name.startswith("r") and p.name[1:].isdigit():
                 out.append(int(p.name[1:]))
         return sorted(out)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _slurm_job_label() -> str | None:

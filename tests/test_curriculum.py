@@ -7,7 +7,7 @@ import random
 
 
 from megatron_sz import curriculum as C
-from megatron_sz.data import Problem, Trajectory
+from megatron_sz.data import Problem, Refinement, Trajectory
 from megatron_sz.pairs import build_pairs, build_wsft_examples, gaussian_weight, reference_text
 from megatron_sz.recipe import CurriculumSpec
 
@@ -85,7 +85,7 @@ def test_select_active_replay_ratio_and_rechecks(rng_seed):
     outcomes = {p.id: (rng.randint(0, 4), 4) for p in pool}
     new = [Problem(id=f"n{i}", problem=_text(rng), answer="1", provenance="teacher", parent_id="p0", round=0)
            for i in range(9)]
-    recs = [C.RefinementRecord(key=f"p0:{i}", parent_id="p0", zone="learning", status="ok", problem=q)
+    recs = [Refinement(key=f"p0:{i}", parent_id="p0", zone="learning", status="ok", problem=q)
             for i, q in enumerate(new)]
     pool2, rep = C.update_curriculum(pool, 0, spec, outcomes=outcomes, refinements=recs, retire={})
     assert rep.added == 9 and rep.pool_size == 49
@@ -114,8 +114,8 @@ def test_update_dedup_contamination_retire_provenance(rng_seed):
     bench_text = _text(rng, 20)
     contaminated = Problem(id="x3", problem="Solve: " + bench_text, answer="1", provenance="teacher", parent_id="p5")
     good = Problem(id="x4", problem=_text(rng, 15), answer="2", provenance="teacher", parent_id="p6", round=0)
-    failed = C.RefinementRecord(key="p7:0", parent_id="p7", zone="learning", status="parse_failed")
-    recs = [C.RefinementRecord(key=f"{q.parent_id}:0", parent_id=q.parent_id, zone="learning", status="ok", problem=q)
+    failed = Refinement(key="p7:0", parent_id="p7", zone="learning", status="parse_failed")
+    recs = [Refinement(key=f"{q.parent_id}:0", parent_id=q.parent_id, zone="learning", status="ok", problem=q)
             for q in (dup_exact, near, contaminated, good)] + [failed]
     cf = C.ContaminationFilter.from_texts([bench_text], n=13)
     new_pool, rep = C.update_curriculum(pool, 0, spec, outcomes={"p1": (0, 4), "p2": (4, 4)}, refinements=recs,
@@ -166,8 +166,8 @@ def test_wsft_examples(rng_seed):
     refs, rates = [], {}
     for i in range(5):
         qid = f"n{i}"
-        refs.append({"parent_id": "p0", "attempt": "wrong attempt", "problem": {"id": qid, "problem": f"new {i}",
-                                                                                 "answer": "2"}})
+        refs.append(Refinement(key=f"p0:{i}", parent_id="p0", zone="learning", status="ok", attempt="wrong attempt",
+                               problem=Problem(id=qid, problem=f"new {i}", answer="2")))
         if i:
             rates[qid] = (rng.randint(0, 4), 4)
     ex, stats = build_wsft_examples(refs, parents, rates, mu=0.5, sigma=0.2)

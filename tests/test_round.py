@@ -103,11 +103,25 @@ def ref_run(tmp_path_factory):
 @pytest.mark.slow
 def test_one_round_then_noop_rerun(ref_run):
     recipe, run, res = ref_run
-    assert "round 1/1" in res.stdout and "done in" in res.stdout
+    assert "== round 0 of 0..0" in res.stdout and "done in" in res.stdout
     check_round_outputs(run)
     m = json.loads((run / "rounds" / "r000" / "metrics.json").read_text())
     assert m["accuracy_sft"] is not None and m["curriculum"]["pool_size"] >= 10
     assert m["dpo"]["loss"] is not None and m["generator"]["loss"] is not None
+    # no role's training input holds a held-out problem (the filters' counts are in the markers)
+    from megatron_sz.textsim import normalize_text
+
+    held = [f" {normalize_text(json.loads(line)['problem'])} "
+            for line in (run / "prepare" / "heldout.jsonl").read_text().splitlines() if line.strip()]
+    for f in (run / "prepare" / "sft.jsonl", run / "rounds" / "r000" / "pairs.jsonl",
+              run / "rounds" / "r000" / "wsft.jsonl"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            for key in ("prompt", "target", "chosen"):
+                if isinstance(rec.get(key), str):
+                    text = f" {normalize_text(rec[key])} "
+                    assert not any(h in text for h in held), (f.name, key, rec[key][:80])
+    assert "heldout_filtered" in json.loads((run / "rounds" / "r000" / "_done" / "wsft.json").read_text())
     # a second run does nothing
     res2 = evolve(recipe, run)
     assert res2.returncode == 0 and "already complete" in res2.stdout

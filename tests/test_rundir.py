@@ -31,22 +31,28 @@ def test_markers_and_shards(tmp_path, rng_seed):
 
 
 def test_round_plan_order_and_dependencies():
-    from megatron_sz.executor import correlated, upstream
-    from megatron_sz.round import find_stage, plan_round
+    from megatron_sz.round import plan_round
 
     r = load_recipe("recipes/local-tiny.yaml")
-    names0 = [s.name for s in plan_round(r, 0)]
-    names1 = [s.name for s in plan_round(r, 1)]
+    p0, p1 = plan_round(r, 0), plan_round(r, 1)
+    names0, names1 = p0.names, p1.names
     # the issue's order: rollouts, verify, pairs, DPO, refine, probe (s_q'), WSFT, curriculum, eval
     order = ["rollout", "verify", "pairs", "dpo", "refine", "probe", "wsft", "curriculum", "eval"]
     assert [n for n in names1 if n in order] == order
     assert names0[:3] == ["prepare", "sft", "eval_sft"] and names0[3:] == names1
-    v = find_stage(r, 1, "verify")
-    assert correlated(find_stage(r, 1, "rollout"), v)
-    assert upstream(r, 1, find_stage(r, 1, "rollout")) == [(0, "curriculum"), (0, "dpo")]
-    assert (0, "wsft") in upstream(r, 1, find_stage(r, 1, "wsft"))
+
+    def up(plan, name):
+        return [(t, s.name) for t, s in plan.upstream_of(name)]
+
+    assert p1.is_correlated("rollout", "verify") and not p1.is_correlated("verify", "refine")
+    assert up(p1, "rollout") == [(0, "curriculum"), (0, "dpo")]
+    assert (0, "wsft") in up(p1, "wsft")
     # refinement waits only for the verdicts, so it can overlap DPO on another partition
-    assert upstream(r, 1, find_stage(r, 1, "refine")) == [(1, "verify")]
+    assert up(p1, "refine") == [(1, "verify")]
+    # resource classes come from the plan, not from stage names in the executors
+    assert {s.name: s.resource for s in p1}["dpo"] == "training"
+    assert {s.name: s.resource for s in p1}["curriculum"] == "light"
+    assert {s.name: s.resource for s in p1}["rollout"] == "inference"
 
 
 def _cli(*args, cwd=ROOT, env=None):
@@ -98,3 +104,34 @@ def test_invalid_input_fails_before_submission(tmp_path, edit, needle):
     assert res.returncode == 2, res.stdout + res.stderr
     assert needle in res.stderr and res.stderr.startswith("error:")
     assert not (tmp_path / "run").exists()
+
+
+def test_status_shows_a_running_stage(tmp_path):
+    """A stage whose process is alive shows as running; a killed one's stale record does not."""
+    import json as _json
+
+    from megatron_sz.cli.status import collect
+
+    text = (ROOT / "recipes" / "local-tiny.yaml").read_text()
+    rd = RunDir.create_or_open(tmp_path / "run", recipe_text=text, recipe_source=str(ROOT / "recipes" / "local-tiny.yaml"),
+                               name="x", seed=1)
+    recipe = rd.load_recipe()
+
+    def state(name):
+        info = collect(rd, recipe, 1)
+        return next(s for s in info["rounds"][0]["stages"] if s["stage"] == name)
+
+    assert state("prepare")["running"] is False
+    rd.mark_running(0, "prepare")
+    assert state("prepare")["running"] is True
+    rd.clear_running(0, "prepare")
+    assert state("prepare")["running"] is False
+    # a record left by a killed process (pid gone) is not "running"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    p = rd.mark_running(0, "rollout", (1, 2))
+    rec = _json.loads(p.read_text())
+    rec["pid"] = int(dead.stdout)
+    p.write_text(_json.dumps(rec))
+    assert state("rollout")["running"] is False
+    out = _cli("status", str(rd.root))
+    assert out.returncode == 0 and "todo" in out.stdout

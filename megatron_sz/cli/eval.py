@@ -64,7 +64,7 @@ def _run_bench(args) -> int:
                             template=args.template, backend=args.backend,
                             judge_model=(args.judge_served_model or "judge") if args.judge_endpoint else None)
     if not args.summarize:
-        model_path = resolve_model(args.model, args.run_dir, args.round, out)
+        model_path = resolve_model(args.model, args.run_dir, args.round, out, role=args.role)
         settings.model = args.served_model or model_path
         write_settings(out, settings, args.benchmarks)
         backend = _make_backend(args, "", model_path, args.tokenizer)
@@ -211,6 +211,8 @@ def register(sub) -> None:
     b.add_argument("--model", help="HF checkpoint folder, Megatron checkpoint folder, or served model name")
     b.add_argument("--run-dir", help="evaluate the solver of a round of this run directory (with --round)")
     b.add_argument("--round", type=int, help="round index within --run-dir")
+    b.add_argument("--role", default="solver",
+                   help="with --run-dir: whose model to evaluate (a role the system trains, e.g. solver)")
     b.add_argument("--benchmarks", nargs="+", required=True, metavar="FILE",
                    help="benchmark files (JSONL/JSON/Parquet) in a public layout; the name comes from the file name")
     b.add_argument("--field", action="append", metavar="KIND=NAME",

@@ -28,7 +28,7 @@ def register(sub) -> None:
 def _main(args) -> int:
     from megatron_sz.executor import EX_TEMPFAIL, Preempted, execute_stage, install_preemption_handler
     from megatron_sz.rundir import RunDir
-    from megatron_sz.round import find_stage
+    from megatron_sz.round import plan_round
 
     rd = RunDir.open(args.run_dir)
     recipe = rd.load_recipe()
@@ -36,11 +36,12 @@ def _main(args) -> int:
     if shard == "env":
         shard = os.environ.get("SLURM_ARRAY_TASK_ID")
     shard = None if shard in (None, "") else int(shard)
-    stage = find_stage(recipe, args.round, args.stage)
+    plan = plan_round(recipe, args.round)
+    stage = plan.stage(args.stage)
     if not stage.train:  # the trainer installs its own checkpoint-then-exit handler
         install_preemption_handler()
     try:
-        res = execute_stage(rd, recipe, args.round, args.stage, shard, progress=not args.no_progress)
+        res = execute_stage(rd, recipe, args.round, args.stage, shard, progress=not args.no_progress, plan=plan)
     except Preempted as exc:
         print(f"stage r{args.round}.{args.stage} shard {shard}: preempted by {exc}; exit {EX_TEMPFAIL} "
               "(rerun resumes from the last complete record)", flush=True)

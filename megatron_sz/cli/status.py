@@ -33,7 +33,8 @@ def collect(rd, recipe, rounds: int) -> dict:
     for t in range(rounds):
         stages = []
         for s in plan_round(recipe, t):
-            st = {"stage": s.name, "role": s.role, "done": stage_done(rd, t, s)}
+            st = {"stage": s.name, "role": s.role, "resource": s.resource, "done": stage_done(rd, t, s)}
+            st["running"] = not st["done"] and bool(rd.running(t, s.name))
             m = rd.read_marker(t, s.name)
             if m and "seconds" in m:
                 st["seconds"] = m["seconds"]
@@ -100,7 +101,9 @@ def _main(args) -> int:
         print(f"round {r['round']}: {n_done}/{len(r['stages'])} stages done"
               + (f", held-out accuracy {acc:.3f}" if isinstance(acc, float) else ""))
         for s in r["stages"]:
-            mark = "done" if s["done"] else "todo"
+            running = s.get("running") or "RUNNING" in (s.get("slurm") or "") or any(
+                "RUNNING" in (x.get("slurm") or "") for x in s.get("shards", []))
+            mark = "done" if s["done"] else "run" if running else "todo"
             extra = []
             if "shards" in s:
                 k = sum(x["done"] for x in s["shards"])

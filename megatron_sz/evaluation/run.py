@@ -62,18 +62,32 @@ def load_benchmarks(paths: list[str], field_map: dict | None = None, limit: int 
     return items
 
 
-def resolve_model(model: str | None, run_dir: str | None, round_index: int | None, work: Path) -> str:
+def round_model(run_dir: str, round_index: int, role: str = "solver") -> str:
+    """The HF export of ``role``'s model after round t of any system: the last training
+    stage of that role in the round's plan whose output has an ``hf/`` folder."""
+    from megatron_sz.round import plan_round
+    from megatron_sz.rundir import RunDir
+
+    rd = RunDir.open(run_dir)
+    plan = plan_round(rd.load_recipe(), round_index)
+    trained = [s for s in plan.stages if s.train and s.role == role]
+    for s in reversed(trained):
+        cand = rd.stage_dir(round_index, s.name) / "hf"
+        if (cand / "config.json").is_file():
+            return str(cand)
+    roles = sorted({s.role for s in plan.stages if s.train})
+    raise UserError(f"no {role} HF checkpoint for round {round_index} under {rd.round_dir(round_index)}",
+                    fix=f"check the round's {role} training stages ({', '.join(s.name for s in trained) or 'none'}) "
+                        f"have finished (megatron-sz status RUN_DIR); trained roles: {', '.join(roles)}")
+
+
+def resolve_model(model: str | None, run_dir: str | None, round_index: int | None, work: Path,
+                  role: str = "solver") -> str:
     """An HF folder to serve: given directly, exported from a Megatron checkpoint, or a run's round."""
     if run_dir is not None:
         if round_index is None:
-            raise UserError("--run-dir needs --round", fix="pass --round N (the round whose solver to evaluate)")
-        rdir = Path(run_dir) / "rounds" / f"r{round_index:03d}"
-        for stage in ("dpo", "sft"):
-            cand = rdir / stage / "hf"
-            if (cand / "config.json").is_file():
-                return str(cand)
-        raise UserError(f"no solver HF checkpoint for round {round_index} under {rdir}",
-                        fix="check the round has finished its DPO (or SFT) stage: megatron-sz status RUN_DIR")
+            raise UserError("--run-dir needs --round", fix="pass --round N (the round whose model to evaluate)")
+        return round_model(run_dir, round_index, role)
     if model is None:
         raise UserError("no model given", fix="pass --model PATH (HF folder or Megatron checkpoint) or --run-dir/--round")
     path = Path(model)

@@ -4,10 +4,13 @@
 * ``slurm.py`` renders one sbatch script per stage (a job array for sharded stages) and
   submits them with dependencies.
 
-Both go through ``execute_stage`` here (``megatron-sz stage`` is its command line), which
-checks the stage's inputs are complete, runs the stage function for one shard (or the
-whole stage), and writes the completion marker only after the outputs are written. A
-stage or shard whose marker exists is skipped, so re-running anything is a no-op.
+Both consume the ``RoundPlan`` of ``round.plan_round`` and name no stages themselves:
+what runs, in which order, after what, with which resources and shard correlation all
+come from the plan. Both go through ``execute_stage`` here (``megatron-sz stage`` is its
+command line), which checks the stage's inputs are complete, runs the stage function
+for one shard (or the whole stage), and writes the completion marker only after the
+outputs are written. A stage or shard whose marker exists is skipped, so re-running
+anything is a no-op.
 """
 from __future__ import annotations
 
@@ -25,27 +28,6 @@ class Preempted(Exception):
     """Raised in a Python stage when SLURM signals the end of the time slot."""
 
 
-def upstream(recipe, t: int, stage) -> list[tuple[int, str]]:
-    """(round, stage name) pairs a stage depends on, with ``prev:`` resolved."""
-    from megatron_sz.round import plan_round
-
-    out = []
-    prev_names = {s.name for s in plan_round(recipe, t - 1)} if t > 0 else set()
-    for a in stage.after:
-        if a.startswith("prev:"):
-            if a[5:] in prev_names:
-                out.append((t - 1, a[5:]))
-        else:
-            out.append((t, a))
-    return out
-
-
-def correlated(up, down) -> bool:
-    """Shard i of ``down`` needs only shard i of ``up`` (SLURM ``aftercorr``)."""
-    return bool(up.shards and down.shards and up.shards == down.shards
-                and (up.name, down.name) in {("rollout", "verify")})
-
-
 def stage_done(rd: RunDir, t: int, stage) -> bool:
     if rd.is_done(t, stage.name):
         return True
@@ -54,17 +36,15 @@ def stage_done(rd: RunDir, t: int, stage) -> bool:
     return False
 
 
-def missing_inputs(rd: RunDir, recipe, t: int, stage, shard: int | None) -> list[str]:
-    from megatron_sz.round import find_stage
-
+def missing_inputs(rd: RunDir, plan, stage, shard: int | None) -> list[str]:
+    """Upstream stages (or, where the plan correlates them, upstream shards) not yet done."""
     missing = []
-    for (r, name) in upstream(recipe, t, stage):
-        up = find_stage(recipe, r, name)
-        if r == t and shard is not None and correlated(up, stage):
-            if not rd.is_done(r, name, (shard, up.shards)):
-                missing.append(f"r{r}.{name}[{shard}]")
+    for r, up in plan.upstream_of(stage.name):
+        if r == plan.round and shard is not None and plan.is_correlated(up.name, stage.name):
+            if not rd.is_done(r, up.name, (shard, up.shards)):
+                missing.append(f"r{r}.{up.name}[{shard}]")
         elif not stage_done(rd, r, up):
-            missing.append(f"r{r}.{name}")
+            missing.append(f"r{r}.{up.name}")
     return missing
 
 
@@ -73,16 +53,17 @@ def _rank() -> int:
 
 
 def execute_stage(rd: RunDir, recipe, t: int, name: str, shard: int | None = None, *,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, plan=None) -> dict:
     """Run one stage of round t (one shard of it when ``shard`` is given); idempotent.
 
     Returns {"status": "done"|"skipped", "seconds": ...}. Raises ``UserError`` if the
     stage's inputs are not complete (a dependency failed or was cancelled)."""
-    from megatron_sz.round import RoundContext, find_stage
+    from megatron_sz.round import RoundContext, plan_round
 
-    stage = find_stage(recipe, t, name)
+    plan = plan if plan is not None else plan_round(recipe, t)
+    stage = plan.stage(name)
     if stage.shards and shard is None:
-        results = [execute_stage(rd, recipe, t, name, i, progress=progress) for i in range(stage.shards)]
+        results = [execute_stage(rd, recipe, t, name, i, progress=progress, plan=plan) for i in range(stage.shards)]
         return {"status": "done" if any(r["status"] == "done" for r in results) else "skipped",
                 "seconds": sum(r["seconds"] for r in results)}
     if not stage.shards and shard is not None and shard != 0:
@@ -93,13 +74,19 @@ def execute_stage(rd: RunDir, recipe, t: int, name: str, shard: int | None = Non
     key = (shard, stage.shards) if stage.shards else None
     if rd.is_done(t, name, key) or (key is None and stage_done(rd, t, stage)):
         return {"status": "skipped", "seconds": 0.0}
-    missing = missing_inputs(rd, recipe, t, stage, shard)
+    missing = missing_inputs(rd, plan, stage, shard)
     if missing:
         raise UserError(f"stage r{t}.{name} cannot start: inputs not complete: {', '.join(missing)}",
                         where=str(rd.root), fix="run the missing stages first (megatron-sz status shows them)")
     t0 = time.time()
-    ctx = RoundContext(rd=rd, recipe=recipe, t=t, progress=progress)
-    info = stage.fn(ctx, shard if stage.shards else None) or {}
+    ctx = RoundContext(rd=rd, recipe=recipe, t=t, progress=progress, plan=plan, stage=stage)
+    if _rank() == 0:
+        rd.mark_running(t, name, key)  # `status` shows it as running while this process lives
+    try:
+        info = stage.fn(ctx, shard if stage.shards else None) or {}
+    finally:
+        if _rank() == 0:
+            rd.clear_running(t, name, key)
     if _rank() == 0:
         info = {k: v for k, v in info.items() if k not in ("round", "stage", "shard")}
         rd.mark_done(t, name, key, seconds=round(time.time() - t0, 2), **info)

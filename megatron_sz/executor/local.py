@@ -1,6 +1,6 @@
 """The local executor: every stage of every round on this machine, in the round's order.
 
-* Python stages (rollouts, verification, pairs, refinement, curriculum, eval) run in this
+* Python stages (every resource class but ``training``) run in this
   process, shard by shard; each shard's marker is written as soon as it finishes.
 * Training stages run as a fresh process (``python -m megatron_sz stage ...``, or
   ``torchrun`` when the layout needs several ranks), so Megatron's global state never
@@ -84,20 +84,23 @@ def run_local(rd: RunDir, recipe, *, rounds: int, progress: bool = True) -> None
     lock = lock_run_dir(rd)
     try:
         t_start = time.time()
+        plans = [plan_round(recipe, t) for t in range(rounds)]  # every contract checked before anything runs
+        prior = _seconds_so_far(rd, plans)
         round_times: list[float] = []
-        for t in range(rounds):
-            stages = plan_round(recipe, t)
-            if all(stage_done(rd, t, s) for s in stages):
-                print(f"== round {t + 1}/{rounds}: already complete", flush=True)
+        last = rounds - 1
+        for t, plan in enumerate(plans):
+            if all(stage_done(rd, t, s) for s in plan):
+                print(f"== round {t} of 0..{last}: already complete", flush=True)
                 continue
             r0 = time.time()
             eta = ""
             if round_times:
                 eta = f", ETA {_fmt(sum(round_times) / len(round_times) * (rounds - t))}"
-            print(f"== round {t + 1}/{rounds} (elapsed {_fmt(r0 - t_start)}{eta}) -> {rd.round_dir(t)}",
+            print(f"== round {t} of 0..{last} (elapsed {_fmt(r0 - t_start)} this run"
+                  f"{f', {_fmt(prior + r0 - t_start)} in all' if prior else ''}{eta}) -> {rd.round_dir(t)}",
                   flush=True)
-            for i, s in enumerate(stages, 1):
-                label = f"[r{t} {i}/{len(stages)}] {s.name:<10} ({s.role})"
+            for i, s in enumerate(plan.stages, 1):
+                label = f"[r{t} {i}/{len(plan)}] {s.name:<10} ({s.role})"
                 if stage_done(rd, t, s):
                     print(f"{label} already done", flush=True)
                     continue
@@ -106,10 +109,31 @@ def run_local(rd: RunDir, recipe, *, rounds: int, progress: bool = True) -> None
                 if s.train:
                     run_training_stage(rd, t, s)
                 else:
-                    execute_stage(rd, recipe, t, s.name, None, progress=progress)
+                    execute_stage(rd, recipe, t, s.name, None, progress=progress, plan=plan)
                 print(f"{label} done in {_fmt(time.time() - s0)}", flush=True)
             round_times.append(time.time() - r0)
-        print(f"== all {rounds} rounds complete in {_fmt(time.time() - t_start)}; metrics: {rd.metrics_path}, "
-              f"plot: {rd.plot_path}", flush=True)
+        total = time.time() - t_start
+        from megatron_sz.report import check_and_repair
+
+        repaired = check_and_repair(rd)  # complete means the summary is right too (issue 20)
+        if repaired:
+            print(f"repaired {repaired}", flush=True)
+        print(f"== all {rounds} rounds complete in {_fmt(total)} this run"
+              f"{f' ({_fmt(prior + total)} in all, counting earlier runs)' if prior else ''}; "
+              f"metrics: {rd.metrics_path}, plot: {rd.plot_path}", flush=True)
     finally:
         lock.close()
+
+
+def _seconds_so_far(rd: RunDir, plans) -> float:
+    """Stage seconds already spent by earlier invocations (from the completion markers)."""
+    total = 0.0
+    for plan in plans:
+        for s in plan:
+            m = rd.read_marker(plan.round, s.name) or {}
+            if "seconds" in m:
+                total += float(m["seconds"])
+            elif s.shards:
+                for i in range(s.shards):
+                    total += float((rd.read_marker(plan.round, s.name, (i, s.shards)) or {}).get("seconds", 0.0))
+    return total

@@ -52,23 +52,18 @@ def _model_config(recipe, role: str) -> dict | None:
 
 
 def check_layout(recipe, role: str) -> None:
-    """TP must divide the attention heads / KV heads; PP must not exceed the layers."""
-    par = getattr(recipe, role).parallel
+    """The model's layout rules (megatron_sz.model_shape, the ones the build uses) on the
+    model found on disk now, and the SLURM resources against the layout."""
+    from megatron_sz.model_shape import check_model_layout
+
+    section = getattr(recipe, role)
+    par = section.parallel
     cfg = _model_config(recipe, role)
-    where = f"{role}.parallel"
     if cfg:
-        heads = cfg.get("num_attention_heads")
-        kv = cfg.get("num_key_value_heads", heads)
-        layers = cfg.get("num_hidden_layers")
-        if heads and heads % par.tp:
-            raise LayoutError(f"{role}: tp={par.tp} does not divide num_attention_heads={heads}",
-                              where=where, fix=f"choose tp among the divisors of {heads}")
-        if kv and kv % par.tp and par.tp % kv:
-            raise LayoutError(f"{role}: tp={par.tp} and num_key_value_heads={kv}: neither divides the other",
-                              where=where, fix="choose tp dividing the KV heads (or a multiple of them)")
-        if layers and par.pp > layers:
-            raise LayoutError(f"{role}: pp={par.pp} exceeds num_hidden_layers={layers}",
-                              where=where, fix=f"use pp <= {layers}")
+        check_model_layout(cfg, tp=par.tp, pp=par.pp, virtual_pp=par.virtual_pp,
+                           sequence_parallel=par.sequence_parallel,
+                           vocab_divisible_by=section.model.make_vocab_size_divisible_by,
+                           where=f"{role}.parallel", config_where=f"{role}.model")
     s = getattr(recipe.slurm, role)
     if s.gpus_per_node and par.gpus_per_node != s.gpus_per_node:
         raise LayoutError(f"{role}: parallel.gpus_per_node={par.gpus_per_node} but slurm.{role}.gpus_per_node="
@@ -142,7 +137,7 @@ def _preflight(recipe) -> None:
         _exists(recipe, f, f"curriculum.contamination_files[{i}]", kind="benchmark file")
     if recipe.eval.enabled and not recipe.eval.heldout_file and recipe.teacher.kind != "symbolic":
         raise RecipeError("eval.enabled needs eval.heldout_file unless the teacher is symbolic",
-                          where="eval", fix="set eval.heldout_file to a JSONL of problems")
+                          where="eval.heldout_file", fix="set eval.heldout_file to a JSONL of problems")
     if recipe.teacher.kind == "llm":
         b = recipe.teacher.backend
         if b.kind in ("vllm", "local") and not b.model:

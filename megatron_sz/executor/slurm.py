@@ -4,13 +4,14 @@ The only module (with ``slurm/``) that runs SLURM commands. What it does:
 
 * **One job per stage, one job array per sharded stage** (``--array=0-3%4``; only the
   shards without a completion marker are listed, so a re-submission never redoes one).
-* **Dependencies are data dependencies** taken from the round's ``Stage.after``:
-  ``aftercorr`` from the rollout array to the verify array (task i waits only for task i),
-  ``afterok`` everywhere else, nothing for stages already done. So teacher refinement runs
-  on the teacher partition while the solver's DPO job trains.
+* **Dependencies are the RoundPlan's** (``round.plan_round``): ``aftercorr`` where the plan
+  correlates two arrays (task i waits only for task i), ``afterok`` everywhere else,
+  nothing for stages already done. So a teacher array can run on its partition while a
+  training job of another role trains. Resources come from the stage's resource class:
+  ``light`` and ``sandbox`` stages get no GPUs, ``training`` stages get the role's nodes.
 * **The whole run is submitted as one chain** (``slurm.chain: all``, the default): every
-  round's stages, with round t+1's first stages depending on round t's curriculum and
-  DPO jobs. That is possible because shard counts come from the recipe, not the data (an
+  round's stages, with round t+1's first stages depending on round t's last ones as the
+  plan says. That is possible because shard counts come from the recipe, not the data (an
   empty shard is a no-op), so the DAG is known at submit time; it gets every job into
   the queue early (queue age counts towards priority) and needs no process watching the
   run. ``--kill-on-invalid-dep=yes`` removes the dependents of a failed or cancelled job
@@ -46,7 +47,8 @@ from megatron_sz.rundir import RunDir
 ALIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
          "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
 STARTED = ALIVE - {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
-LIGHT_STAGES = {"prepare", "pairs", "curriculum", "report"}  # bookkeeping: no GPUs, one node
+# Resource classes (round.RESOURCES) that get no GPUs: bookkeeping and sandboxed code runs.
+CPU_RESOURCES = {"light", "sandbox"}
 
 
 # --------------------------------------------------------------------------- commands
@@ -169,7 +171,7 @@ class PlannedJob:
 
 def build_plan(rd: RunDir, recipe, *, rounds: int, live: dict) -> list[PlannedJob]:
     """What to submit: every stage/shard of rounds [0, rounds) without a completion marker."""
-    from megatron_sz.executor import correlated, stage_done, upstream
+    from megatron_sz.executor import stage_done
     from megatron_sz.round import plan_round
 
     plan: list[PlannedJob] = []
@@ -200,14 +202,14 @@ def build_plan(rd: RunDir, recipe, *, rounds: int, live: dict) -> list[PlannedJo
                 if task and task["state"] in STARTED:
                     running[None] = task["id"]
                 job = PlannedJob(t, s, None, running)
-            for (r, name) in upstream(recipe, t, s):
-                up = by_key.get(f"r{r}.{name}")
+            for (r, up_stage) in stages.upstream_of(s.name):
+                up = by_key.get(f"r{r}.{up_stage.name}")
                 if up is None:
                     continue  # done already (or not in this submission): nothing to wait for
                 for tid in up.running.values():
                     job.deps.append(("afterok", tid))
                 if up.submit:
-                    corr = (r == t and correlated(up.stage, s) and up.shards == job.shards
+                    corr = (r == t and stages.is_correlated(up_stage.name, s.name) and up.shards == job.shards
                             and not up.running and not job.running)
                     job.deps.append(("aftercorr" if corr else "afterok", up.key))
             plan.append(job)
@@ -275,7 +277,7 @@ def launcher(recipe, role: str) -> str:
 def render_job(rd: RunDir, recipe, job: PlannedJob) -> str:
     s = job.stage
     rs = getattr(recipe.slurm, s.role)
-    light = s.name in LIGHT_STAGES
+    light = s.resource in CPU_RESOURCES
     nodes = 1 if not s.train else rs.nodes
     ntasks_per_node = max(1, s.world_size // max(1, rs.nodes)) if s.train else 1
     opts = []

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_sz.data import PreferencePair, Problem, WeightedExample, atomic_write_json, iter_jsonl
+from megatron_sz.data import PreferencePair, Problem, ScoredRollout, WeightedExample, atomic_write_json, iter_jsonl
 from megatron_sz.errors import CheckpointError, DataError, RecipeError, UserError
+from megatron_sz.train import pg
 from megatron_sz.train.preempt import EXIT_PREEMPTED, PreemptionGuard, fault_injection_step
 from megatron_sz.train.registry import (JobSpec, dpo_uses_reference, load_pairs, load_sft, load_weighted,
                                         synthetic_pair, synthetic_sft, synthetic_weighted)
@@ -54,6 +55,11 @@ JOBS: dict[str, JobSpec] = {
         description="generator weighted SFT on WeightedExample JSONL",
         record=WeightedExample, load=load_weighted, objective="WSFTObjective", role="generator", section="wsft",
         metrics=("weight",), eval_metrics=_NLL, synthetic=synthetic_weighted),
+    "policy-gradient": JobSpec(
+        description="policy-gradient RL (GRPO, REINFORCE++, TRR++, ADPO) on ScoredRollout JSONL",
+        record=ScoredRollout, load=pg.load_rollouts, objective="PGObjective", role="solver", section="pg",
+        unit="rollouts", metrics=pg.METRICS, eval_metrics=_NLL, reference=pg.uses_table,
+        synthetic=pg.synthetic_rollout),
 }
 KINDS = tuple(JOBS)  # the job names, for callers that need only those
 
@@ -432,7 +438,7 @@ def _engine(s: _Setting, model: _Model, data: _Data, ref_path: str | None, *, pa
     if s.job.uses_reference(s.spec):
         ref_table = _reference_logps(data.items, out=s.out, ref_path=ref_path, start=model.start, spec=s.spec,
                                      engine=StepEngine(objective=None, **engine_kw), kw=kw, info=s.info,
-                                     rank=s.rank).to(s.device)
+                                     rank=s.rank, objective=s.job.objective_class()).to(s.device)
     objective = s.job.objective_class().for_job(s.spec, ref_logps=ref_table, **kw)
     return StepEngine(objective=objective, **engine_kw)
 
@@ -574,19 +580,20 @@ def _eval(engine: Any, objective: Any, held: list, spec: Any, info: Any) -> dict
 
 
 def _reference_logps(items: list, *, out: Path, ref_path: str | None, start: int, spec: Any, engine: Any,
-                     kw: dict, info: Any, rank: int):
-    """The frozen start-of-round policy's summed log-probs of every pair, [N, 2]; computed once."""
+                     kw: dict, info: Any, rank: int, objective: type):
+    """The frozen start-of-round policy's log-probs of every item, [N, objective.reference_width(items)]
+    (DPO: summed per pair, [N, 2]; policy gradient: per position); computed once."""
     import torch
 
     from megatron_sz.megatron import training as mt
     from megatron_sz.train import state
     from megatron_sz.train.data import fingerprint
-    from megatron_sz.train.objectives import reference_rows
 
     fp = fingerprint(items, extra="ref")
     path = Path(ref_path) if ref_path else out / "ref_logps.pt"
     if path.exists():
-        table = state.load_ref_logps(path, fingerprint=fp, n_items=len(items))
+        table = state.load_ref_logps(path, fingerprint=fp, n_items=len(items),
+                                     width=objective.reference_width(items))
         log(f"reference log-probs: reusing {path}", rank=rank)
         return table
     if ref_path:
@@ -596,17 +603,21 @@ def _reference_logps(items: list, *, out: Path, ref_path: str | None, start: int
                               "moved since the round started, so they cannot be recomputed", where=str(path),
                               fix="restore ref_logps.pt, or restart the job in a fresh --out directory")
     t0 = time.perf_counter()
-    table = torch.zeros(len(items), 2, dtype=torch.float32, device=engine.device)
+    width = objective.reference_width(items)
+    table = torch.zeros(len(items), width, dtype=torch.float32, device=engine.device)
     for groups in _my_groups(items, spec, info):
-        for mb, rows in engine.forward_collect(groups, lambda h, w, mb: reference_rows(h, w, mb, **kw)):
+        for mb, rows in engine.forward_collect(
+                groups, lambda h, w, mb: objective.reference_rows(h, w, mb, spec=spec, **kw)):
             if info.reports:
-                table.index_copy_(0, mb.item_index.to(table.device), rows.float())
+                rows = rows.float()[:, :width]   # per-position rows: the micro-batch may pad past width
+                table.index_copy_(0, mb.item_index.to(table.device),
+                                  torch.nn.functional.pad(rows, (0, width - rows.shape[1])))
     mt.all_reduce_sum(table)
     table = table.cpu()
     if rank == 0:
-        state.save_ref_logps(path, table, fingerprint=fp, meta={"n_pairs": len(items)})
+        state.save_ref_logps(path, table, fingerprint=fp, meta={"n_items": len(items)})
     mt.barrier()
-    log(f"reference log-probs of {len(items)} pairs computed in {time.perf_counter() - t0:.1f}s -> {path}",
+    log(f"reference log-probs of {len(items)} items computed in {time.perf_counter() - t0:.1f}s -> {path}",
         rank=rank)
     return table
 

@@ -10,6 +10,8 @@ micro-batches and data-parallel ranks of any size combine exactly).
   kernel's dlogits; a weight-0 example contributes exactly zero gradient).
 * ``DPOObjective``   -- online DPO (``fused_linear_dpo_loss``); rows [0, B) chosen,
   [B, 2B) rejected; reference log-probs come from a table precomputed once per round.
+* ``PGObjective``    -- PPO-clipped policy gradient (``fused_linear_pg_loss``) on scored
+  rollouts; old (behaviour) log-probs per token from a table computed at stage start.
 
 Which job uses which objective is ``jobs.JOBS``'s to say (``JobSpec.objective``); the job
 builds it with ``Objective.for_job(train_spec, ref_logps=..., tp_group=..., vocab_size=...)``.
@@ -18,25 +20,12 @@ builds it with ``Objective.for_job(train_spec, ref_logps=..., tp_group=..., voca
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from megatron_sz.pairs import gaussian_weight  # noqa: F401  (the one implementation)
 from megatron_sz.train.data import IGNORE
-
-
-def gaussian_weight(s: float, mu: float = 0.5, sigma: float = 0.2) -> float:
-    """U(s) = exp(-(s - mu)^2 / (2 sigma^2)); s is the solver's success rate on the problem.
-
-    >>> [round(gaussian_weight(k / 8), 3) for k in range(5)]
-    [0.044, 0.172, 0.458, 0.823, 1.0]
-    """
-    if not (0.0 <= s <= 1.0):
-        raise ValueError(f"success rate {s!r} must be in [0, 1]")
-    if sigma <= 0:
-        raise ValueError("sigma must be > 0")
-    return math.exp(-((s - mu) ** 2) / (2.0 * sigma * sigma))
 
 
 def _kernels():
@@ -131,6 +120,15 @@ class DPOObjective(Objective):
     def for_job(cls, spec, *, ref_logps, tp_group, vocab_size):
         return cls(spec=spec, ref_logps=ref_logps, tp_group=tp_group, vocab_size=vocab_size)
 
+    # The reference table (jobs._reference_logps): its width and one micro-batch's rows.
+    @staticmethod
+    def reference_width(items: list) -> int:
+        return 2
+
+    @staticmethod
+    def reference_rows(hidden, weight, mb, *, spec: Any, tp_group: Any, vocab_size: int) -> torch.Tensor:
+        return reference_rows(hidden, weight, mb, tp_group=tp_group, vocab_size=vocab_size)
+
     def _ref(self, mb) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.spec.reference_free or self.spec.loss_type == "simpo" or self.ref is None:
             return None, None
@@ -173,3 +171,69 @@ def reference_rows(hidden, weight, mb, *, tp_group: Any, vocab_size: int) -> tor
     logp, _ = sequence_logps(hidden, weight, mb.labels, tp_group=tp_group, vocab_size=vocab_size)
     B = mb.num_items
     return torch.stack([logp[:B], logp[B:]], dim=1)
+
+
+# --------------------------------------------------------------------------- policy gradient
+
+PG_METRICS = ("reward", "advantage", "entropy", "approx_kl", "ratio", "clipfrac_low", "clipfrac_high",
+              "clipfrac_dual", "kl_ref", "masked_share")
+
+
+def _fit_positions(t: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, W] -> [B, T]: cut or zero-pad positions (positions past an item are IGNORE)."""
+    W = t.shape[1]
+    return t[:, :T] if W >= T else torch.nn.functional.pad(t, (0, T - W))
+
+
+class PGObjective(Objective):
+    """PPO-clipped policy gradient (``fused_linear_pg_loss``) on scored rollouts (``train/pg.py``):
+    advantage = ``mb.weights``; ``mb.extras``: reward, clip_high, loss_mask (and old_logps with
+    ``old_logps: data``). The table is the start-of-stage per-position log-probs [N_items, W]:
+    the behaviour policy (``old_logps: recompute``) and the KL reference."""
+
+    train_keys = ("loss",) + PG_METRICS
+    eval_keys = ("nll", "tokens")
+
+    def __init__(self, *, spec: Any, table: torch.Tensor | None, **kw):
+        super().__init__(**kw)
+        self.spec = spec
+        self.table = table
+
+    @classmethod
+    def for_job(cls, spec, *, ref_logps, tp_group, vocab_size):
+        return cls(spec=spec, table=ref_logps, tp_group=tp_group, vocab_size=vocab_size)
+
+    @staticmethod
+    def reference_width(items: list) -> int:
+        return max(it.length for it in items)
+
+    @staticmethod
+    def reference_rows(hidden, weight, mb, *, spec: Any, tp_group: Any, vocab_size: int) -> torch.Tensor:
+        """Per-position log-probs [R, T] of the labels (0 where ignored), at the rollouts'
+        sampling temperature."""
+        R, T, H = hidden.shape
+        lp = _kernels().linear_logprobs(hidden.reshape(R * T, H), weight, mb.labels.reshape(R * T),
+                                        ignore_index=IGNORE, tp_group=tp_group, vocab_size=vocab_size,
+                                        temperature=spec.temperature)
+        return lp.reshape(R, T)
+
+    def train_loss(self, hidden, weight, mb):
+        s = self.spec
+        dev = hidden.device
+        start = None
+        if self.table is not None:
+            rows = self.table.index_select(0, mb.item_index.to(self.table.device))
+            start = _fit_positions(rows, mb.labels.shape[1]).to(dev)
+        old = mb.extras["old_logps"].to(dev) if s.old_logps == "data" else start
+        loss, m = _kernels().fused_linear_pg_loss(
+            hidden, weight, mb.labels, old_logps=old, advantages=mb.weights.to(dev),
+            loss_mask=mb.extras["loss_mask"].to(dev), clip_low=s.clip_low,
+            clip_high=mb.extras["clip_high"].to(dev), clip_c=s.clip_c,
+            ref_logps=start if s.kl_coef > 0 else None, kl_coef=s.kl_coef, kl_estimator=s.kl_estimator,
+            entropy_coef=s.entropy_coef, aggregation=s.aggregation, norm_constant=s.norm_constant,
+            temperature=s.temperature, ignore_index=IGNORE, tp_group=self.tp_group, vocab_size=self.vocab_size)
+        B = mb.num_items
+        stats = {"loss": loss.detach() * B, "reward": mb.extras["reward"].sum(), "advantage": mb.weights.sum()}
+        for k in PG_METRICS[2:]:
+            stats[k] = m[k] * B
+        return loss, stats
