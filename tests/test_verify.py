@@ -16,7 +16,7 @@ import pytest
 from megatron_sz.cli import main as cli_main
 from megatron_sz.verify import (BatchVerdict, Verdict, extract_answer, is_equivalent, judge,
                                 verify_batch)
-from megatron_sz.verify.sandbox import Worker
+from megatron_sz.verify.worker import Worker
 
 # ----------------------------------------------------------------------------- extraction
 

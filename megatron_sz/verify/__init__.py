@@ -34,7 +34,7 @@ from fractions import Fraction
 from megatron_sz.verify.extract import extract_answer
 from megatron_sz.verify.normalize import (MAX_ANSWER_CHARS, Approx, Canon, canonicalize, compare_values,
                                           numbers_close, parse_value, unsafe_reason)
-from megatron_sz.verify.sandbox import Worker, default_worker
+from megatron_sz.verify.worker import Worker, default_worker
 
 __all__ = ["extract_answer", "is_equivalent", "verify_batch", "judge", "warm_up", "Verdict",
            "BatchVerdict"]

@@ -1,4 +1,8 @@
-"""A persistent, killable subprocess for the symbolic checks.
+"""A persistent, killable subprocess for the symbolic checks (our own code only).
+
+This is the one killable worker for trusted code that may hang in C. Code we did not
+write (seed snippets, model programs, tool calls) never comes here: it runs in
+``megatron_sz/sandbox/``.
 
 Why a subprocess: a per-answer timeout has to stop sympy even when it is stuck in C
 (big-integer arithmetic, ``simplify``). Signals only reach the main thread and only
@@ -64,7 +68,7 @@ class Worker:
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("OMP_NUM_THREADS", "1")
         self._proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "megatron_sz.verify.sandbox"],
+            [sys.executable, "-u", "-m", "megatron_sz.verify.worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, close_fds=True)
         self._ready = False
