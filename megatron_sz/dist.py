@@ -105,6 +105,9 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, a
     _watch_parent(parent_conn)
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
         os._exit(1)
+    from megatron_sz import quiet
+
+    quiet.install()  # a spawned rank runs no CLI main: same warning filters as its parent
     import torch.distributed as tdist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),

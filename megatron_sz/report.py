@@ -64,7 +64,10 @@ def round_metrics(rd, t: int) -> dict:
     dpo = rd.read_marker(t, "dpo") or {}
     s = dpo.get("summary") or {}
     m["dpo"] = {"skipped": dpo.get("skipped"), "margin": _pick(s, "margin", "reward_margin", "final_margin"),
-                "loss": _pick(s, "loss", "final_loss"), "accuracy": _pick(s, "reward_accuracy", "pair_accuracy"),
+                "loss": _pick(s, "loss", "final_loss"),
+                # the trainer's summary key is "accuracy" (preference accuracy of the last step's
+                # batch); reading only other names left it null in every round (issue 20)
+                "accuracy": _pick(s, "accuracy", "reward_accuracy", "pair_accuracy"),
                 "steps": _pick(s, "steps", "step")}
     w = rd.read_marker(t, "wsft") or {}
     s = w.get("summary") or {}
@@ -77,12 +80,8 @@ def write_round_metrics(ctx) -> dict:
     rd = ctx.rd
     m = round_metrics(rd, ctx.t)
     atomic_write_json(ctx.path("metrics.json"), m)
-    rows = []
-    for t in rd.rounds_present():
-        p = rd.round_dir(t) / "metrics.json"
-        if p.exists():
-            rows.append(json.loads(p.read_text()))
-    atomic_write_text(rd.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    rows = _round_rows(rd)
+    atomic_write_text(rd.metrics_path, _metrics_text(rows))
     plot(rows, rd.plot_path)
     try:
         _wandb(ctx, m)
@@ -92,6 +91,57 @@ def write_round_metrics(ctx) -> dict:
     ctx.log(f"round {ctx.t} done: held-out acc {acc if acc is None else round(acc, 3)}, "
             f"curriculum {m['curriculum'].get('pool_size')} problems, zones {m['curriculum'].get('zones')}")
     return {"accuracy": acc, "pool_size": m["curriculum"].get("pool_size")}
+
+
+def _round_rows(rd) -> list[dict]:
+    """Every round's ``rounds/rNNN/metrics.json``; one that is unreadable is rebuilt from the
+    round's completion markers (they are what it was made of)."""
+    rows = []
+    for t in rd.rounds_present():
+        p = rd.round_dir(t) / "metrics.json"
+        if not p.exists():
+            continue
+        try:
+            rows.append(json.loads(p.read_text(encoding="utf-8")))
+        except (ValueError, UnicodeDecodeError):
+            m = round_metrics(rd, t)
+            atomic_write_json(p, m)
+            rows.append(m)
+    return rows
+
+
+def _metrics_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+
+def check_and_repair(rd) -> str | None:
+    """Make ``metrics.jsonl`` (and ``plot.png``) match the per-round records.
+
+    A run whose markers say it is finished is not complete while its summary file is
+    damaged (a truncated or corrupt line, a missing round): rewrite both from the rounds.
+    Returns what was repaired, or None when the file was already right."""
+    rows = _round_rows(rd)
+    if not rows:
+        return None
+    want = _metrics_text(rows)
+    path = rd.metrics_path
+    try:
+        have = path.read_text(encoding="utf-8") if path.exists() else None
+    except UnicodeDecodeError:
+        have = ""
+    if have == want and rd.plot_path.exists():
+        return None
+    why = "missing" if have is None else "out of date"
+    if have:
+        for i, line in enumerate(have.splitlines(), 1):
+            try:
+                json.loads(line)
+            except ValueError:
+                why = f"line {i} is not valid JSON"
+                break
+    atomic_write_text(path, want)
+    plot(rows, rd.plot_path)
+    return f"{path}: {why}; rebuilt from the {len(rows)} per-round metrics.json records"
 
 
 def plot(rows: list[dict], path) -> None:
@@ -113,6 +163,11 @@ def plot(rows: list[dict], path) -> None:
     a1.plot(xs, ys, marker="o")
     if xs and xs[0] == -0.5:
         a1.annotate("SFT warm-up", (xs[0], ys[0]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    # Ticks at whole rounds only (matplotlib's auto ticks put 0.5, 1.5, ... on a 3-round run);
+    # the warm-up point sits between -1 and 0 with its own label.
+    whole = sorted({r["round"] for r in rows})
+    a1.set_xticks(([-0.5] if xs and xs[0] == -0.5 else []) + whole,
+                  (["SFT"] if xs and xs[0] == -0.5 else []) + [str(r) for r in whole])
     a1.set_xlabel("round")
     a1.set_ylabel("held-out accuracy")
     a1.set_title("Solver accuracy")
@@ -123,6 +178,7 @@ def plot(rows: list[dict], path) -> None:
                 marker=".", label=zone)
     a2.plot(rounds, [(r.get("curriculum") or {}).get("pool_size") or 0 for r in rows], marker="o",
             color="black", label="pool size")
+    a2.set_xticks(whole)
     a2.set_xlabel("round (end of)")
     a2.set_ylabel("problems")
     a2.set_title("Curriculum")

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from megatron_sz import quiet
+
+    quiet.install(verbose_flag=bool(getattr(args, "verbose", False)))
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below

@@ -19,6 +19,9 @@ def register(sub) -> None:
                         "an existing one is resumed")
     p.add_argument("--rounds", type=int, default=None, help="number of rounds (default: the recipe's 'rounds')")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, plain log lines only")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the library warnings and wandb summaries that are silenced as harmless "
+                        "(Apex/Transformer Engine fallbacks, deprecations raised inside Megatron)")
     p.set_defaults(func=_main)
 
 

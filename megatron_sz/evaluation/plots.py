@@ -19,6 +19,11 @@ def _plt():
 
 
 def _save(fig, path: str | Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:  # rounds are whole numbers: no 0.5, 1.5 ticks on a short run (issue 20)
+        if ax.get_xlabel().startswith("round"):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
