@@ -19,8 +19,8 @@ Megatron assumes CUDA in a few places that matter for us:
   those few functions (grad clipping, the fp16/bf16 and distributed optimizers'
   constructors) a CPU tensor reports the CUDA type name of its dtype.
 * The local ``DotProductAttention`` allocates from a CUDA buffer and uses fused softmax
-  kernels, so CPU models use :class:`SDPACoreAttention` instead (a drop-in core
-  attention on ``torch.nn.functional.scaled_dot_product_attention``).
+  kernels; no model of ours uses it (``megatron/attention.py``'s SDPA core attention is
+  the local spec's attention on CPU and GPU alike).
 * The CUDA RNG tracker (``model_parallel_cuda_manual_seed``, dropout forks,
   activation recompute) reads and writes CUDA generator states; without CUDA it
   forks the CPU generator instead.
@@ -30,9 +30,7 @@ Every patch is idempotent: calling ``ensure_cpu_shim()`` twice changes nothing.
 from __future__ import annotations
 
 import contextlib
-import math
 import types
-from typing import Optional
 
 import torch
 
@@ -201,51 +199,3 @@ def ensure_cpu_shim() -> bool:
         cls.__init__ = _with_cuda_type_names(cls.__init__)
     _APPLIED = True
     return True
-
-
-class SDPACoreAttention(torch.nn.Module):
-    """Core attention on ``F.scaled_dot_product_attention`` (CPU replacement for
-    Megatron's local ``DotProductAttention``; same constructor and forward contract).
-
-    Inputs are ``[s, b, heads_per_rank, head_dim]`` (keys/values with KV groups per
-    rank); the output is ``[s, b, heads_per_rank * head_dim]``. ``attention_mask`` follows
-    Megatron's convention (True = masked out); None means causal.
-    """
-
-    def __init__(self, config, layer_number, attn_mask_type, attention_type,
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type=None, pg_collection=None):
-        super().__init__()
-        from megatron.core.parallel_state import get_tensor_model_parallel_world_size
-
-        self.config = config
-        if pg_collection is not None and getattr(pg_collection, "tp", None) is not None:
-            tp = pg_collection.tp.size()
-        else:
-            tp = get_tensor_model_parallel_world_size()
-        self.heads = config.num_attention_heads // tp
-        self.groups = max(1, config.num_query_groups // tp) if config.num_query_groups else self.heads
-        self.head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences need TransformerEngine attention (GPU)")
-        q = query.permute(1, 2, 0, 3)  # [b, h, s, d]
-        k = key.permute(1, 2, 0, 3)
-        v = value.permute(1, 2, 0, 3)
-        if self.heads != k.shape[1]:
-            rep = self.heads // k.shape[1]
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        if attention_mask is None:
-            mask, causal = None, True
-        else:
-            mask, causal = ~attention_mask.bool(), False
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale)
-        s, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)

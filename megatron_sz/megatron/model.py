@@ -132,16 +132,17 @@ def transformer_config(arch: ModelShape, *, tp: int, pp: int, vpp: int | None = 
 
 
 def layer_spec(arch: ModelShape):
-    """TE spec on GPU with TransformerEngine; local spec otherwise (SDPA core attention on CPU)."""
+    """TE spec on GPU with TransformerEngine; otherwise the local spec with fused SDPA core
+    attention (``megatron/attention.py``) on CPU and GPU alike: Megatron's unfused
+    ``DotProductAttention`` (``[b, heads, s, s]`` scores per layer) is never used."""
     from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron_sz.megatron.attention import FusedCoreAttention
 
     if have_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
-    if not torch.cuda.is_available():
-        from megatron_sz.megatron.cpu_shim import SDPACoreAttention
-
-        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.self_attention.submodules.core_attention = FusedCoreAttention
     return spec
 
 
