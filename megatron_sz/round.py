@@ -243,10 +243,6 @@ def _types(record) -> frozenset:
     return frozenset(record if isinstance(record, tuple) else (record,))
 
 
-def find_stage(recipe, t: int, name: str) -> Stage:
-    return plan_round(recipe, t).stage(name)
-
-
 # --------------------------------------------------------------------------- context
 
 
@@ -281,7 +277,7 @@ class RoundContext:
         return str(self.recipe.resolve_path(tok)) if tok else None
 
     # ---- typed I/O through the stage's contract
-    def io_path(self, io: Io, *, writer_round: int | None = None) -> Path:
+    def io_path(self, io: Io) -> Path:
         base = {"round": self.dir, "prev": self.rd.round_dir(self.t - 1), "next": self.rd.round_dir(self.t + 1),
                 "run": self.rd.prepare_dir}[io.scope]
         return base / io.path
