@@ -275,6 +275,8 @@ def warmup(ctx: RoundContext, shard: int | None) -> dict:
     from megatron_sz.train.jobs import run_job
 
     out = ctx.path("warmup")
+    if not _nonempty(ctx.rd.prepare_dir / "warmup.jsonl"):  # warmup_traces = warmup_proposals = 0
+        return {"model": None, "skipped": "no warm-up examples: both agents start from the recipe's model"}
     res = run_job("solver-sft", ctx.recipe, str(ctx.rd.prepare_dir / "warmup.jsonl"),
                   initial_model(ctx.rd, ctx.recipe, "solver"), str(out), tokenizer=ctx.tokenizer_path)
     if res.exit_code != 0:
