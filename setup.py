@@ -47,6 +47,7 @@ install_requires = [
     "tqdm>=4.66,<5",
     "httpx>=0.27,<1",
     "matplotlib>=3.8,<4",
+    "sacrebleu>=2.4,<3",  # Agent0's repetition penalty: BLEU distance between proposed questions
 ]
 
 extras_require = {
