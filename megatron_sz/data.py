@@ -538,3 +538,94 @@ class JsonlAppender:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------- Agent0 records
+
+
+TOOL_FINISHES = ("answer", "no_answer", "max_tool_calls", "length", "error")
+
+
+@dataclass
+class ToolTrajectory:
+    """One multi-turn, tool-integrated attempt (``megatron_sz/toolloop.py``).
+
+    ``segments`` is the completion in order: ``{"role": "model" | "tool", "text": ...}``;
+    ``tool`` segments are sandbox observations (no loss on them). ``finish`` says how it
+    ended; ``tool_statuses`` holds the sandbox status of each call."""
+
+    problem_id: str
+    sample_index: int
+    prompt: str
+    segments: list = field(default_factory=list)
+    tool_calls: int = 0
+    finish: str = "no_answer"
+    extracted_answer: str | None = None
+    tool_statuses: list = field(default_factory=list)
+    correct: bool | None = None  # against a reference answer, when there is one (evaluation)
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "problem_id")
+        if self.sample_index < 0 or self.tool_calls < 0:
+            raise ValueError("fields 'sample_index' and 'tool_calls' must be >= 0")
+        _require_choice(self, "finish", TOOL_FINISHES)
+        for seg in self.segments:
+            if not isinstance(seg, dict) or seg.get("role") not in ("model", "tool") \
+                    or not isinstance(seg.get("text"), str):
+                raise ValueError("each segment must be {'role': 'model' | 'tool', 'text': str}")
+
+    @property
+    def text(self) -> str:
+        return "".join(s["text"] for s in self.segments)
+
+
+@dataclass
+class Proposal:
+    """One curriculum-agent sample: the prompt it saw, what it wrote, and the question parsed
+    from it (``question`` None: invalid, ``reason`` says why). ``group_id`` ties the
+    samples of one prompt (GRPO)."""
+
+    key: str
+    prompt: str
+    completion: str
+    group_id: str
+    question: str | None = None
+    reason: str | None = None
+    topic: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "key", "group_id")
+
+
+@dataclass
+class TaskSignal:
+    """The executor's signals on one proposal and the curriculum reward they give.
+
+    ``p`` is the majority-vote self-consistency over ``samples`` trajectories, ``label``
+    the pseudo-label (None: no answers), ``kept`` whether ``p`` is in the filter's band.
+    ``reward`` = ``r_unc + r_tool - repetition`` for a valid question, the invalid reward
+    (-1) otherwise."""
+
+    key: str
+    valid: bool
+    reward: float
+    question: str | None = None
+    p: float | None = None
+    label: str | None = None
+    votes: dict = field(default_factory=dict)
+    samples: int = 0
+    tool_calls_mean: float = 0.0
+    r_unc: float = 0.0
+    r_tool: float = 0.0
+    repetition: float = 0.0
+    cluster: int | None = None
+    cluster_size: int = 0
+    kept: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "key")
+        if self.p is not None and not 0.0 <= float(self.p) <= 1.0:
+            raise ValueError(f"field 'p' {self.p!r} must be in [0, 1]")

@@ -533,6 +533,46 @@ class WandbSpec:
 
 
 @dataclass
+class Agent0Spec:
+    """Agent0 (``system: agent0``): the curriculum agent (recipe role ``generator``) proposes
+    tasks, the tool-using executor (role ``solver``) samples each ``samples`` times; see
+    ``megatron_sz/systems/agent0.py``. The executor trains with ``solver.pg`` (ADPO), the
+    curriculum agent with ``curriculum_pg`` (GRPO) on ``generator.model``/``parallel``."""
+
+    prompts: int = 16  # curriculum prompts per round (one GRPO group each)
+    group_size: int = 4  # proposals sampled per prompt
+    topics: list[str] = field(default_factory=list)  # topic hints cycled over the prompts (default: warmup.families)
+    curriculum_template: str = "Write a new {topic} problem.\nProblem:"
+    curriculum_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=1.0, max_tokens=64))
+    curriculum_pg: PGSpec = field(default_factory=PGSpec)  # GRPO on the proposals
+    samples: int = 10  # m: executor samples per task (majority vote, self-consistency p)
+    keep_low: float = 0.3  # the executor trains on tasks with keep_low <= p <= keep_high
+    keep_high: float = 0.8
+    max_tool_turns: int = 4  # tool calls per trajectory
+    tool_timeout_s: float = 5.0
+    tool_output_chars: int = 1024  # observation cap
+    tool_reward: float = 0.05  # per tool call (mean over the executor's samples) ...
+    tool_reward_cap: int = 4  # ... counted up to this many calls
+    bleu_threshold: float = 0.5  # questions with BLEU distance below this share a cluster
+    invalid_reward: float = -1.0
+    max_question_chars: int = 400
+    warmup_traces: int = 96  # round 0: tool-use traces (problem, code, real sandbox output, boxed answer)
+    warmup_proposals: int = 64  # round 0: examples of the proposal format for the shared base model
+
+    def check(self) -> None:
+        if self.prompts < 1 or self.group_size < 1 or self.samples < 1:
+            raise ValueError("fields 'prompts', 'group_size' and 'samples' must be >= 1")
+        if not 0.0 <= self.keep_low <= self.keep_high <= 1.0:
+            raise ValueError("need 0 <= keep_low <= keep_high <= 1")
+        if self.max_tool_turns < 0 or self.tool_reward_cap < 0 or self.tool_output_chars < 16:
+            raise ValueError("need max_tool_turns >= 0, tool_reward_cap >= 0, tool_output_chars >= 16")
+        if self.tool_timeout_s <= 0 or not 0.0 < self.bleu_threshold <= 1.0:
+            raise ValueError("need tool_timeout_s > 0 and 0 < bleu_threshold <= 1")
+        if "{topic}" not in self.curriculum_template:
+            raise ValueError("field 'curriculum_template' must contain {topic}")
+
+
+@dataclass
 class Recipe:
     """A whole co-evolution run."""
 
@@ -553,6 +593,7 @@ class Recipe:
     eval: EvalSpec = field(default_factory=EvalSpec)
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
     wandb: WandbSpec = field(default_factory=WandbSpec)
+    agent0: Agent0Spec = field(default_factory=Agent0Spec)  # system: agent0
     # Set by load_recipe, not by the YAML.
     source: str | None = field(default=None, metadata={"internal": True})
 

@@ -202,6 +202,120 @@ def _run_plots(args) -> int:
     return 0
 
 
+def _tool_completions(args, prompts: list[tuple[str, str]]) -> tuple[dict, dict]:
+    """{id: [texts]} and {id: tool calls per sample} from the model: plain sampling, or the
+    Agent0 tool loop (code runs in the sandbox) with --tools."""
+    from megatron_sz.inference.base import GenerationRequest
+
+    sampling = _sampling(args, temperature=args.temperature, top_p=1.0, max_tokens=args.max_tokens)
+    backend = _make_backend(args, "", args.model, args.tokenizer)
+    try:
+        if args.tools:
+            from megatron_sz.toolloop import ToolConfig, run_tool_loop
+
+            trajs = run_tool_loop(prompts, backend, n=args.k, sampling=sampling,
+                                  tools=ToolConfig(max_turns=args.tool_turns, timeout_s=args.tool_timeout),
+                                  log=None if args.quiet else print)
+            texts: dict = {}
+            calls: dict = {}
+            for t in trajs:
+                texts.setdefault(t.problem_id, []).append(t.text)
+                calls.setdefault(t.problem_id, []).append(t.tool_calls)
+            return texts, calls
+        res = backend.generate([GenerationRequest(id=i, prompt=p, n=args.k, sampling=sampling) for i, p in prompts],
+                               progress=not args.quiet)
+        return {r.id: r.texts for r in res if r.ok}, {}
+    finally:
+        backend.close()
+
+
+def _run_choice(args) -> int:
+    """Multiple-choice benchmarks (MMLU-Pro, SuperGPQA, BBEH) from local files."""
+    from megatron_sz.evaluation import choice
+
+    items = [it for b in args.benchmarks for it in choice.load_choice_benchmark(b, limit=args.limit)]
+    if args.completions:
+        from megatron_sz.data import iter_jsonl
+
+        texts: dict = {}
+        for obj in iter_jsonl(args.completions):
+            texts.setdefault(str(obj["id"]), []).extend(obj.get("texts") or [obj.get("text", "")])
+        calls: dict = {}
+    else:
+        from megatron_sz.errors import UserError
+
+        if not args.model and args.backend != "openai":
+            raise UserError("no model", fix="pass --model (or --completions FILE to score existing completions)")
+        texts, calls = _tool_completions(args, [(it.id, choice.choice_prompt(it)) for it in items])
+    results = choice.score(items, texts)
+    for name, r in results.items():
+        if calls:
+            ids = [it.id for it in items if it.benchmark == name and it.id in calls]
+            r["tool_calls_per_problem"] = sum(sum(calls[i]) / len(calls[i]) for i in ids) / max(1, len(ids))
+        print(f"{name:<12} accuracy {r['accuracy']:.4f}  n={r['n']}"
+              + (f"  tool calls/problem {r['tool_calls_per_problem']:.2f}" if calls else ""))
+    if args.out:
+        from megatron_sz.data import atomic_write_json
+
+        atomic_write_json(args.out, results)
+    return 0
+
+
+def _run_bench_tools(args) -> int:
+    """The math suite with tool use on: mean@k and tool calls per problem."""
+    from megatron_sz.evaluation.run import load_benchmarks
+    from megatron_sz.rollout import resolve_template
+    from megatron_sz.teacher.base import render
+    from megatron_sz.verify import verify_batch
+
+    args.tools = True
+    items = load_benchmarks(args.benchmarks, None, args.limit)
+    tmpl = resolve_template(args.template)
+    texts, calls = _tool_completions(args, [(it.id, render(tmpl, problem=it.problem)) for it in items])
+    from megatron_sz.verify.extract import extract_answer
+
+    results: dict = {}
+    for it in items:
+        ts = texts.get(it.id) or []
+        if not ts:
+            continue
+        v = verify_batch([(extract_answer(t), it.answer) for t in ts])
+        r = results.setdefault(it.benchmark, {"sum": 0.0, "n": 0, "calls": 0.0})
+        r["sum"] += v.equivalent_share
+        r["n"] += 1
+        r["calls"] += sum(calls.get(it.id, [0])) / max(1, len(calls.get(it.id, [0])))
+    out = {k: {"mean_at_k": v["sum"] / v["n"], "n": v["n"], "k": args.k, "tool_calls_per_problem": v["calls"] / v["n"]}
+           for k, v in results.items()}
+    for name, r in out.items():
+        print(f"{name:<12} mean@{args.k} {r['mean_at_k']:.4f}  n={r['n']}  tool calls/problem "
+              f"{r['tool_calls_per_problem']:.2f}")
+    if args.out:
+        from megatron_sz.data import atomic_write_json
+
+        atomic_write_json(args.out, out)
+    return 0
+
+
+def _tool_eval_flags(p: argparse.ArgumentParser, *, tools_default: bool) -> None:
+    p.add_argument("--model", help="HF checkpoint folder (local/vllm) or served model name (openai)")
+    p.add_argument("--benchmarks", nargs="+", required=True, metavar="PATH", help="benchmark files (or a BBEH folder)")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--k", type=int, default=1, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
+    p.add_argument("--max-tokens", type=int, default=2048, help="max new tokens per turn")
+    p.add_argument("--tokenizer", help="tokenizer path for the local backend")
+    p.add_argument("--limit", type=int, help="only the first N items of each file")
+    p.add_argument("--tool-turns", type=int, default=4, help="tool calls per sample (Agent0: 4)")
+    p.add_argument("--tool-timeout", type=float, default=10.0, help="seconds per tool call")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    if not tools_default:
+        p.add_argument("--tools", action="store_true",
+                       help="solve with the Python tool (the Agent0 tool loop; code runs in the sandbox)")
+        p.add_argument("--completions", help="score these completions (JSONL of {id, text | texts}) instead of sampling")
+    _backend_flags(p)
+
+
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate: benchmarks (mean@k, pass@k), generator validity, contamination, plots",
                        description=__doc__)
@@ -264,6 +378,39 @@ def register(sub) -> None:
     c.add_argument("--show", type=int, default=10, help="print at most this many pairs per benchmark")
     c.add_argument("--fail-on-overlap", action="store_true", help="exit 1 if any overlap is found")
     c.set_defaults(func=_run_contamination)
+
+    ch = esub.add_parser("choice", help="multiple-choice benchmarks (MMLU-Pro, SuperGPQA, BBEH) from local files")
+    _tool_eval_flags(ch, tools_default=False)
+    ch.set_defaults(func=_run_choice)
+
+    bt = esub.add_parser("bench-tools", help="math benchmarks solved with the Python tool: mean@k, tool calls/problem")
+    _tool_eval_flags(bt, tools_default=True)
+    bt.add_argument("--template", help="prompt template with {problem} (default: the packaged solver template)")
+    bt.set_defaults(func=_run_bench_tools)
+
+    co = esub.add_parser("code", help="code benchmarks (HumanEval+, MBPP+, LiveCodeBench, CRUXEval-I/O) run in the "
+                                      "sandbox: mean@k and pass@k")
+    co.add_argument("--benchmarks", nargs="+", required=True, metavar="FILE",
+                    help="local JSONL files in their public layouts; the kind comes from the file name")
+    co.add_argument("--kind", choices=["humaneval", "mbpp", "livecodebench", "cruxeval"],
+                    help="the layout of every file (default: from each file name)")
+    co.add_argument("--model", help="HF checkpoint folder or Megatron checkpoint folder (or served model name)")
+    co.add_argument("--run-dir", help="evaluate the model of a round of this run directory (with --round)")
+    co.add_argument("--round", type=int, help="round index within --run-dir")
+    co.add_argument("--role", default="solver", help="with --run-dir: whose model to evaluate")
+    co.add_argument("--out", required=True, help="output folder: samples.jsonl (resumable), results.json")
+    co.add_argument("--k", type=int, default=1, help="samples per problem")
+    co.add_argument("--pass-k", type=int, nargs="*", help="report pass@k for these k (default: 1 and --k)")
+    co.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    co.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p")
+    co.add_argument("--max-tokens", type=int, default=1024, help="max new tokens per sample")
+    co.add_argument("--timeout-s", type=float, default=10.0, help="sandbox time limit of one problem's tests")
+    co.add_argument("--tokenizer", help="tokenizer path for the local backend (default: the model folder's)")
+    co.add_argument("--limit", type=int, help="only the first N problems of each file")
+    co.add_argument("--seed", type=int, default=0, help="sampling seed")
+    co.add_argument("--quiet", action="store_true", help="no progress lines")
+    _backend_flags(co)
+    co.set_defaults(func=_run_code)
 
     pl = esub.add_parser("plots", help="PNG plots of a run: benchmark accuracy, zones, growth by provenance")
     pl.add_argument("run_dir", help="run directory")

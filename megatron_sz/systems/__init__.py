@@ -30,9 +30,16 @@ def _socratic_zero() -> SystemSpec:
     return SystemSpec(m.NAME, m.SUMMARY, m.co_evolution_round, m.DEFAULT_RECIPE, m.ROLES)
 
 
+def _agent0() -> SystemSpec:
+    from megatron_sz.systems import agent0 as m
+
+    return SystemSpec(m.NAME, m.SUMMARY, m.agent0_round, m.DEFAULT_RECIPE, m.ROLES)
+
+
 #: name -> loader of the system's spec (modules are imported only when used).
 SYSTEMS: dict[str, Callable[[], SystemSpec]] = {
     "socratic-zero": _socratic_zero,
+    "agent0": _agent0,
 }
 
 DEFAULT_SYSTEM = "socratic-zero"
