@@ -261,6 +261,244 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)
 
 
+# --------------------------------------------------------------------------- Absolute Zero
+
+AZR_TASK_TYPES = ("deduction", "abduction", "induction")
+AZR_PROVENANCES = ("zero", "seed", "proposed", "warmup", "heldout")
+AZR_VALIDITY = ("valid", "malformed", "syntax", "banned", "nondeterministic", "timeout", "crash", "bad_output")
+
+
+@dataclass
+class AzrTask:
+    """One Absolute Zero task: a program ``f`` with literal inputs and their outputs, all
+    computed by the sandbox (``megatron_sz/systems/absolute_zero.py``).
+
+    deduction / abduction: one (``input``, ``output``) pair (input = the text of the
+    comma-separated literal arguments of ``f``, output = ``repr`` of its value).
+    induction: ``inputs``/``outputs`` (pairs), ``message`` (the proposer's hint); the first
+    ``shown`` pairs are shown to the solver, the rest are hidden and must all pass.
+    Provenance: ``round`` it entered a buffer, ``parents`` (ids of the references the
+    proposer was conditioned on), ``provenance`` (zero triplet, user seed, proposal, ...)."""
+
+    id: str
+    task_type: str
+    program: str
+    input: str | None = None
+    output: str | None = None
+    inputs: list | None = None
+    outputs: list | None = None
+    shown: int = 0
+    message: str | None = None
+    round: int = 0
+    parents: list = field(default_factory=list)
+    provenance: str = "proposed"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "id", "program")
+        _require_choice(self, "task_type", AZR_TASK_TYPES)
+        _require_choice(self, "provenance", AZR_PROVENANCES)
+        if self.task_type == "induction":
+            if not self.inputs or not self.outputs or len(self.inputs) != len(self.outputs):
+                raise ValueError("an induction task needs 'inputs' and 'outputs' of the same, non-zero length")
+            if not 0 < self.shown < len(self.inputs):
+                raise ValueError(f"field 'shown' {self.shown} must leave at least one pair shown and one hidden")
+        elif not isinstance(self.input, str) or not isinstance(self.output, str):
+            raise ValueError(f"a {self.task_type} task needs string 'input' and 'output' (literal text)")
+        if self.round < 0:
+            raise ValueError(f"field 'round': {self.round} must be >= 0")
+
+
+@dataclass
+class AzrProposal:
+    """One proposer sample (``key`` = ``type:j``): its prompt, raw completion, the
+    references it was conditioned on, and what was parsed out of it (``None`` = missing)."""
+
+    key: str
+    task_type: str
+    prompt: str
+    completion: str
+    references: list = field(default_factory=list)
+    program: str | None = None
+    input: str | None = None
+    inputs: list | None = None
+    message: str | None = None
+    round: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "key", "prompt")
+        _require_choice(self, "task_type", AZR_TASK_TYPES)
+
+
+@dataclass
+class AzrValidation:
+    """The sandbox's verdict on one proposal: ``status`` (``valid`` or the first failed
+    check, ``AZR_VALIDITY``), ``reason``, and the new task when valid."""
+
+    key: str
+    task_type: str
+    status: str
+    reason: str | None = None
+    task: AzrTask | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "key")
+        _require_choice(self, "task_type", AZR_TASK_TYPES)
+        _require_choice(self, "status", AZR_VALIDITY)
+        if self.status == "valid" and self.task is None:
+            raise ValueError("field 'task' is required when status is 'valid'")
+        if self.task is not None:
+            self.task.validate()
+
+
+# --------------------------------------------------------------------------- PromptCoT
+
+#: The judges' rubric (``megatron_sz/systems/promptcot_rubric.py``), in this order.
+RUBRIC_CRITERIA = ("format", "correctness", "difficulty", "concept_coverage", "solvability")
+#: A parsed judge reply is ``ok`` or ``repaired``; every other status is a malformed class.
+RUBRIC_STATUSES = ("ok", "repaired", "empty", "no_rubric", "missing_fields", "bad_value", "out_of_range",
+                   "wrong_type", "backend_failed")
+TEACHER_CALL_STATUSES = ("ok", "repaired", "parse_failed", "backend_failed")
+CANDIDATE_STATUSES = ("ok", "unparsed", "empty", "backend_failed")
+
+
+def _check_concepts(rec: Any) -> None:
+    if not isinstance(rec.concepts, list) or not all(isinstance(c, str) and c.strip() for c in rec.concepts):
+        raise ValueError(f"field 'concepts' must be a list of non-empty strings, got {rec.concepts!r:.80}")
+    if rec.difficulty is not None and not 1 <= rec.difficulty <= 5:
+        raise ValueError(f"field 'difficulty': {rec.difficulty} is outside 1..5")
+
+
+@dataclass
+class Concepts:
+    """PromptCoT: the concepts of one problem (``problem_id``), its difficulty (1..5, None:
+    unknown) and who extracted them (``source``: symbolic, llm, user). ``status`` says
+    whether extraction worked; on failure ``concepts`` is empty and ``reason`` says why."""
+
+    problem_id: str
+    problem: str
+    concepts: list = field(default_factory=list)
+    difficulty: int | None = None
+    source: str = "symbolic"
+    status: str = "ok"
+    reason: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "problem_id", "problem", "source")
+        _require_choice(self, "status", TEACHER_CALL_STATUSES)
+        _check_concepts(self)
+        if self.status in ("ok", "repaired") and not self.concepts:
+            raise ValueError("field 'concepts' is empty but status is ok")
+
+
+@dataclass
+class Rationale:
+    """PromptCoT: the setter's rationale for ``concepts`` at ``difficulty`` that leads to the
+    problem ``problem`` (of ``problem_id``): one generator SFT example (concepts -> rationale
+    -> problem). ``status`` other than ok/repaired: no rationale (``reason``)."""
+
+    problem_id: str
+    problem: str
+    concepts: list = field(default_factory=list)
+    difficulty: int | None = None
+    rationale: str | None = None
+    source: str = "symbolic"
+    status: str = "ok"
+    reason: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "problem_id", "problem")
+        _require_choice(self, "status", TEACHER_CALL_STATUSES)
+        _check_concepts(self)
+        if self.status in ("ok", "repaired") and not (isinstance(self.rationale, str) and self.rationale.strip()):
+            raise ValueError("field 'rationale' is required when status is ok")
+
+
+@dataclass
+class CandidateProblem:
+    """PromptCoT: one problem the generator wrote for a requested concept set (``id`` =
+    ``request_id-sJ``): the prompt, the raw text, and the rationale / problem parsed out of
+    it (``status`` unparsed: no problem found in the text)."""
+
+    id: str
+    round: int
+    request_id: str
+    prompt: str
+    text: str
+    concepts: list = field(default_factory=list)
+    difficulty: int | None = None
+    rationale: str | None = None
+    problem: str | None = None
+    status: str = "ok"
+    finish_reason: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "id", "request_id", "prompt")
+        _require_choice(self, "status", CANDIDATE_STATUSES)
+        _check_concepts(self)
+        if self.status == "ok" and not (isinstance(self.problem, str) and self.problem.strip()):
+            raise ValueError("field 'problem' is required when status is ok")
+
+
+@dataclass
+class JudgeScore:
+    """PromptCoT: one judge's rubric for one candidate (key ``candidate_id#judge``).
+
+    ``scores``: criterion (``RUBRIC_CRITERIA``) -> score on 1..``scale`` (None: missing or
+    unreadable). ``status``: ``ok``/``repaired`` (parsed), else the malformed class, also in
+    ``malformed``. ``perfect``: parsed, and every criterion at ``scale``. ``detected``: what
+    a symbolic judge recognised (family, levels)."""
+
+    candidate_id: str
+    judge: str
+    scores: dict = field(default_factory=dict)
+    status: str = "ok"
+    perfect: bool = False
+    scale: int = 5
+    malformed: str | None = None
+    notes: list = field(default_factory=list)
+    reason: str | None = None
+    raw: str | None = None
+    detected: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "candidate_id", "judge")
+        _require_choice(self, "status", RUBRIC_STATUSES)
+        if self.perfect and (self.malformed or self.status not in ("ok", "repaired")):
+            raise ValueError("a malformed judge reply cannot be perfect")
+
+
+@dataclass
+class SynthesizedProblem:
+    """PromptCoT's output: a problem both judges rated perfect, with its provenance
+    (concepts, target difficulty, rationale, every judge's scores, the round, the candidate)
+    and, once the teacher has solved it (downstream), ``answer`` and ``solution``."""
+
+    id: str
+    problem: str
+    round: int
+    candidate_id: str
+    concepts: list = field(default_factory=list)
+    difficulty: int | None = None
+    rationale: str | None = None
+    judge_scores: list = field(default_factory=list)
+    answer: str | None = None
+    solution: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_text(self, "id", "problem", "candidate_id")
+        _check_concepts(self)
+        if self.round < 0:
+            raise ValueError(f"field 'round': {self.round} must be >= 0")
+
+
 def _require_text(rec: Any, *names: str) -> None:
     for name in names:
         value = getattr(rec, name)

@@ -232,6 +232,9 @@ class WSFTSpec(TrainSpec):
     mu: float = 0.5
     sigma: float = 0.2
     normalization: Literal["sum", "sequence", "token"] = "sum"
+    # U(s): "gaussian" (the paper), or "linear": max(0, 1 - |s - mu| / max(mu, 1 - mu)),
+    # the triangle with the same peak (an ablation knob, pairs.linear_weight).
+    weighting: Literal["gaussian", "linear"] = "gaussian"
 
     def check(self) -> None:
         TrainSpec.check(self)
@@ -354,6 +357,10 @@ class SolverRole:
     dpo: DPOSpec = field(default_factory=DPOSpec)
     pg: PGSpec = field(default_factory=PGSpec)  # megatron-sz train policy-gradient
     rollout: RolloutSpec = field(default_factory=RolloutSpec)
+    # The round's solver update (Socratic-Zero): "dpo" (the paper), or "sft": SFT on the
+    # winners of the same pairs, with the dpo section's batch/steps/optimizer (two sequences
+    # per pair, so global_batch_size is doubled to train as many tokens); an ablation knob.
+    round_objective: Literal["dpo", "sft"] = "dpo"
 
 
 @dataclass
@@ -386,6 +393,10 @@ class TeacherRole:
 
 @dataclass
 class CurriculumSpec:
+    # "co-evolve": the paper's adaptive curriculum. "static": the paper's static-augmentation
+    # control: the teacher writes all problems up front from the seeds (no solver feedback),
+    # and every round's solver update is SFT on their reference solutions (same step budget).
+    mode: Literal["co-evolve", "static"] = "co-evolve"
     replay_ratio: float = 0.25  # share of historical (non-new) problems in a round's active set
     max_active: int | None = None  # cap on problems rolled out per round
     near_dup_threshold: float = 0.9  # Jaccard similarity of word 3-grams above which a problem is a duplicate
@@ -513,6 +524,7 @@ class WarmupSpec:
     ``difficulty`` is the symbolic [low, high] level range, also used for sampled seeds
     and the sampled held-out set."""
 
+    enabled: bool = True  # false: no warm-up (the sft stage exports the initial weights untrained)
     data_file: str | None = None
     symbolic_problems: int = 0
     difficulty: list[int] = field(default_factory=lambda: [1, 2])
@@ -523,6 +535,120 @@ class WarmupSpec:
             raise ValueError("field 'symbolic_problems' must be >= 0")
         if len(self.difficulty) != 2 or not (1 <= self.difficulty[0] <= self.difficulty[1] <= 5):
             raise ValueError("field 'difficulty' must be [low, high] with 1 <= low <= high <= 5")
+
+
+@dataclass
+class AZRSpec:
+    """Absolute Zero (``system: absolute-zero``): one model proposes and solves deduction,
+    abduction and induction tasks checked by running Python in the sandbox.
+
+    Per round and task type: ``proposals`` proposer samples, each conditioned on
+    ``references`` tasks sampled from that type's buffer; every valid proposal is solved
+    ``solves`` times (its learnability r = 1 - acc if 0 < acc < 1, else 0), and the solver
+    also solves ``solver_batch`` tasks drawn from the buffer. Buffers start from
+    ``seed_file`` (AzrTask JSONL) or the zero triplet ``def f(a): return a``. Round 0
+    warms the model up by SFT on ``warmup_programs`` template programs (0: none) and
+    evaluates on ``heldout_per_type`` template triplets per type."""
+
+    task_types: list[str] = field(default_factory=lambda: ["deduction", "abduction", "induction"])
+    proposals: int = 64  # proposer samples per task type and round (the paper's batch: 64)
+    references: int = 6  # K buffer tasks in a deduction/abduction proposer prompt
+    solves: int = 8  # n solver samples per valid proposal (learnability)
+    solver_batch: int = 0  # extra buffer tasks per type the solver solves (training only)
+    induction_inputs: int = 10  # inputs an induction proposal writes (half shown, half hidden)
+    seed_file: str | None = None  # AzrTask JSONL to seed the buffers (default: the zero triplet)
+    timeout_s: float = 5.0  # sandbox wall-clock limit of one execution
+    determinism_runs: int = 2  # runs that must agree for a program to be deterministic
+    validate_shards: int = 1  # sandbox array width of validate
+    max_program_chars: int = 2000  # longer proposed programs are malformed
+    warmup_programs: int = 0  # template programs in round 0's SFT corpus (0: no warm-up)
+    heldout_per_type: int = 32  # held-out template triplets per type (solver accuracy per round)
+    propose_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=1.0, max_tokens=1024))
+    solve_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=1.0, max_tokens=1024))
+    eval_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=0.0, max_tokens=512))
+
+    def check(self) -> None:
+        bad = [t for t in self.task_types if t not in ("deduction", "abduction", "induction")]
+        if bad or not self.task_types or len(set(self.task_types)) != len(self.task_types):
+            raise ValueError(f"field 'task_types' must list distinct types from deduction, abduction, induction; "
+                             f"got {self.task_types}")
+        for name in ("proposals", "references", "solves", "validate_shards", "heldout_per_type"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"field {name!r} must be >= 1")
+        if self.solver_batch < 0 or self.warmup_programs < 0:
+            raise ValueError("fields 'solver_batch' and 'warmup_programs' must be >= 0")
+        if self.induction_inputs < 2:
+            raise ValueError("field 'induction_inputs' must be >= 2 (at least one shown and one hidden pair)")
+        if self.determinism_runs < 2:
+            raise ValueError("field 'determinism_runs' must be >= 2 (two runs must agree)")
+        if self.timeout_s <= 0 or self.max_program_chars < 16:
+            raise ValueError("fields 'timeout_s' > 0 and 'max_program_chars' >= 16 required")
+
+
+@dataclass
+class PromptCoTJudgeSpec:
+    """One PromptCoT judge: a name (its scores are keyed by it) and, for an LLM teacher, the
+    backend it runs on (null: the teacher's ``backend``). The symbolic teacher's exact
+    checker serves every judge."""
+
+    name: str = "judge"
+    backend: BackendSpec | None = None
+    sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=0.0, max_tokens=512))
+
+    def check(self) -> None:
+        if not self.name.strip() or "#" in self.name:
+            raise ValueError(f"field 'name' is {self.name!r}; give a non-empty name without '#'")
+
+
+@dataclass
+class PromptCoTSpec:
+    """PromptCoT (``system: promptcot``): concepts -> rationale -> problem, then rejection sampling.
+
+    Round 0 extracts concepts from ``problems_file`` (default: the run's seeds), has the
+    teacher write a rationale per problem, and trains the generator by SFT (``sft``, weight
+    1) on concepts -> rationale -> problem. Every round samples ``requests_per_round``
+    concept sets x ``generator.rollout.k`` candidates, has every judge score them on the
+    rubric (1..``perfect_score``), keeps those all judges rate perfect and retrains the
+    generator by WSFT (``generator.wsft``) with weight 1 on kept and 0 on the rest. The
+    kept problems, deduplicated (``near_dup_threshold``) and checked against held-out and
+    benchmark problems (``contamination_threshold``, plus the held-out rule), are the
+    synthesized set. ``downstream``: in the last round the teacher solves the set, a solver
+    trains on it by SFT (``solver.sft``) and the quality report measures it."""
+
+    problems_file: str | None = None  # any Problem JSONL to extract concepts from (null: the seeds)
+    concepts_per_problem: int = 5  # what the LLM teacher is asked for
+    difficulties: list[int] = field(default_factory=list)  # target levels of requests (empty: each set's own)
+    requests_per_round: int = 64  # concept sets asked for per round (each gets generator.rollout.k samples)
+    generator_template: str = "Concepts: {concepts}\nDifficulty: {difficulty}\nRationale:"
+    judges: list[PromptCoTJudgeSpec] = field(default_factory=lambda: [PromptCoTJudgeSpec(name="judge_a"),
+                                                                      PromptCoTJudgeSpec(name="judge_b")])
+    perfect_score: int = 5  # the rubric's scale: 1..perfect_score per criterion
+    sft: WSFTSpec = field(default_factory=WSFTSpec)  # the generator's SFT (every weight 1)
+    concept_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=0.2, max_tokens=512))
+    rationale_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=0.7,
+                                                                                   max_tokens=1024))
+    solve_sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(temperature=0.1, max_tokens=2048))
+    near_dup_threshold: float = 0.9  # Jaccard of word 3-grams: a near duplicate within the synthesized set
+    contamination_threshold: float = 0.8  # Jaccard to a held-out / benchmark problem: dropped
+    downstream: bool = False  # last round: teacher solutions, solver SFT, quality report
+    reference_solver: str | None = None  # HF folder whose success rate measures difficulty (null: the SFT solver)
+    reference_k: int = 4  # samples per problem for the reference solver's success rate
+
+    def check(self) -> None:
+        if self.concepts_per_problem < 1 or self.requests_per_round < 1 or self.reference_k < 1:
+            raise ValueError("fields 'concepts_per_problem', 'requests_per_round' and 'reference_k' must be >= 1")
+        if any(not 1 <= d <= 5 for d in self.difficulties):
+            raise ValueError(f"field 'difficulties' {self.difficulties} must hold levels in 1..5")
+        if "{concepts}" not in self.generator_template:
+            raise ValueError("field 'generator_template' needs a {concepts} placeholder")
+        names = [j.name for j in self.judges]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"field 'judges' needs at least one judge, with distinct names; got {names}")
+        if self.perfect_score < 2:
+            raise ValueError("field 'perfect_score' must be >= 2 (the rubric's 1..N scale)")
+        for name in ("near_dup_threshold", "contamination_threshold"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"field {name!r} must be in (0, 1]")
 
 
 @dataclass
@@ -593,6 +719,8 @@ class Recipe:
     eval: EvalSpec = field(default_factory=EvalSpec)
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
     wandb: WandbSpec = field(default_factory=WandbSpec)
+    azr: AZRSpec = field(default_factory=AZRSpec)  # system: absolute-zero
+    promptcot: PromptCoTSpec = field(default_factory=PromptCoTSpec)  # system: promptcot
     agent0: Agent0Spec = field(default_factory=Agent0Spec)  # system: agent0
     # Set by load_recipe, not by the YAML.
     source: str | None = field(default=None, metadata={"internal": True})

@@ -36,10 +36,24 @@ def _agent0() -> SystemSpec:
     return SystemSpec(m.NAME, m.SUMMARY, m.agent0_round, m.DEFAULT_RECIPE, m.ROLES)
 
 
+def _absolute_zero() -> SystemSpec:
+    from megatron_sz.systems import absolute_zero as m
+
+    return SystemSpec(m.NAME, m.SUMMARY, m.self_play_round, m.DEFAULT_RECIPE, m.ROLES)
+
+
+def _promptcot() -> SystemSpec:
+    from megatron_sz.systems import promptcot as m
+
+    return SystemSpec(m.NAME, m.SUMMARY, m.promptcot_round, m.DEFAULT_RECIPE, m.ROLES)
+
+
 #: name -> loader of the system's spec (modules are imported only when used).
 SYSTEMS: dict[str, Callable[[], SystemSpec]] = {
     "socratic-zero": _socratic_zero,
+    "absolute-zero": _absolute_zero,
     "agent0": _agent0,
+    "promptcot": _promptcot,
 }
 
 DEFAULT_SYSTEM = "socratic-zero"
