@@ -161,6 +161,31 @@ def _run_contamination(args) -> int:
     return 1 if (total and args.fail_on_overlap) else 0
 
 
+def _run_code(args) -> int:
+    """Code benchmarks (HumanEval+, MBPP+, LiveCodeBench, CRUXEval-I/O) executed in the sandbox."""
+    from megatron_sz.evaluation.code import evaluate_code, load_code_benchmark
+    from megatron_sz.evaluation.run import resolve_model
+
+    out = Path(args.out)
+    items = [it for f in args.benchmarks for it in load_code_benchmark(f, args.kind, args.limit)]
+    model_path = None
+    if args.backend != "openai" or args.model or args.run_dir:
+        model_path = resolve_model(args.model, args.run_dir, args.round, out, role=args.role)
+    backend = _make_backend(args, "", model_path, args.tokenizer)
+    try:
+        res = evaluate_code(items, backend, out, k=args.k, pass_ks=args.pass_k or sorted({1, args.k}),
+                            sampling=_sampling(args, temperature=args.temperature, top_p=args.top_p,
+                                               max_tokens=args.max_tokens),
+                            timeout=args.timeout_s, progress=not args.quiet)
+    finally:
+        backend.close()
+    for b in res["benchmarks"]:
+        passes = ", ".join(f"pass@{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in b["pass_at_k"].items())
+        print(f"{b['benchmark']}: {b['problems']} problems x {b['k']}: mean@{b['k']} {b['mean_at_k']:.4f}, {passes}")
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
 def _run_plots(args) -> int:
     from megatron_sz.data import Problem, read_jsonl
     from megatron_sz.evaluation.plots import accuracy_by_round, growth_by_provenance, zones_by_round
