@@ -144,8 +144,10 @@ class _SymbolicSolverBackend:
         out = []
         for req in requests:
             prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[-1]["content"]
-            problem = next((line.strip() for line in reversed(prompt.splitlines()) if parse_symbolic(line.strip())),
-                           None)
+            import re
+
+            starts = [prompt[m.start():].split("\n")[0].strip() for m in re.finditer(r"Compute |Solve for x:", prompt)]
+            problem = next((s for s in reversed(starts) if parse_symbolic(s)), None)
             got = symbolic_solution(problem) if problem else None
             text = got[1] if got else "I cannot solve this."
             out.append(GenerationResult(id=req.id, texts=[text] * req.n, finish_reasons=["stop"] * req.n))
