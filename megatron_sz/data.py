@@ -12,6 +12,9 @@ Every file that crosses a stage boundary holds one of these record types (a stag
   task type, role) for policy-gradient training.
 * ``Refinement``       -- the teacher's attempt to write a new problem from a parent problem.
 * ``SelfVerification`` -- the teacher's re-solve of a problem every attempt failed: keep or retire.
+* ``Concepts``, ``Rationale``, ``CandidateProblem``, ``JudgeScore``, ``SynthesizedProblem``
+  -- PromptCoT's concept records, setter rationales, generated candidates, per-judge
+  rubric scores, and the synthesized set with provenance.
 * ``Checkpoint``       -- not a JSONL record: a training stage's output folder (Megatron
   checkpoint + ``hf/``), named in contracts so model hand-offs are checked like files.
 
