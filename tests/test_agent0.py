@@ -36,7 +36,9 @@ def micro_agent0(tmp_path: Path, **top) -> Path:
     r["agent0"]["curriculum_pg"] = {**short, "estimator": "grpo"}
     for role in ("solver", "generator"):
         r[role]["model"] = {"config": dict(MICRO_MODEL), "dtype": "fp32"}
-    r["solver"]["sft"] = {**short, "max_steps": 3, "micro_batch_size": 8, "global_batch_size": 8}
+    # enough warm-up for the micro model to write some valid proposals, so solve has work to resume
+    r["solver"]["sft"] = {**short, "max_steps": 24, "micro_batch_size": 8, "global_batch_size": 8,
+                          "optim": {"lr": 3e-3}}
     r["solver"]["pg"] = {**short, "estimator": "adpo"}
     r["solver"]["rollout"]["sampling"] = {"temperature": 1.0, "max_tokens": 16, "seed": 0}
     r["eval"] = {"enabled": True, "heldout_size": 4, "k": 1, "sampling": {"temperature": 0.0, "max_tokens": 16}}
@@ -86,7 +88,8 @@ def check_round(run: Path) -> dict:
     m = metrics[0]
     for key in ("curriculum", "p", "executor", "clusters", "accuracy", "accuracy_warmup"):
         assert key in m
-    assert isinstance(m["accuracy"], float) and m["executor"]["tool_calls_per_rollout"] is not None
+    assert isinstance(m["accuracy"], float)
+    assert (m["executor"]["tool_calls_per_rollout"] is None) == (not trajs)
     assert (run / "plot.png").stat().st_size > 1000
     return {"props": sorted((p["key"], p["completion"]) for p in props),
             "trajs": sorted((t["problem_id"], t["sample_index"], json.dumps(t["segments"])) for t in trajs)}
