@@ -104,6 +104,20 @@ def gaussian_weight(success_rate: float, mu: float = 0.5, sigma: float = 0.2) ->
     return math.exp(-((success_rate - mu) ** 2) / (2.0 * sigma * sigma))
 
 
+def linear_weight(success_rate: float, mu: float = 0.5) -> float:
+    """The ablation's linear U(s) = max(0, 1 - |s - mu| / max(mu, 1 - mu)): the triangle
+    with the Gaussian's peak at mu, zero at the far end of [0, 1].
+
+    >>> [round(linear_weight(k / 8), 3) for k in range(5)]
+    [0.0, 0.25, 0.5, 0.75, 1.0]
+    """
+    if not (0.0 <= success_rate <= 1.0):
+        raise ValueError(f"success rate {success_rate!r} must be in [0, 1]")
+    if not (0.0 < mu < 1.0):
+        raise ValueError("mu must be in (0, 1)")
+    return max(0.0, 1.0 - abs(success_rate - mu) / max(mu, 1.0 - mu))
+
+
 def generator_prompt(parent: Problem, attempt: str | None, *, max_attempt_chars: int = 1500) -> str:
     text = (attempt or "(no attempt)").strip()
     if len(text) > max_attempt_chars:
@@ -112,8 +126,8 @@ def generator_prompt(parent: Problem, attempt: str | None, *, max_attempt_chars:
 
 
 def build_wsft_examples(refinements: list[Refinement], parents: dict[str, Problem],
-                        rates: dict[str, tuple[int, int]], *, mu: float, sigma: float
-                        ) -> tuple[list[WeightedExample], dict]:
+                        rates: dict[str, tuple[int, int]], *, mu: float, sigma: float,
+                        weighting: str = "gaussian") -> tuple[list[WeightedExample], dict]:
     """Generator examples from validated refinements (``status == "ok"``).
 
     rates: new problem id -> (correct, k) of the updated solver (s_q')."""
@@ -130,11 +144,11 @@ def build_wsft_examples(refinements: list[Refinement], parents: dict[str, Proble
             continue
         c, k = rates[q.id]
         s = c / k if k else 0.0
-        w = gaussian_weight(s, mu=mu, sigma=sigma)
+        w = linear_weight(s, mu=mu) if weighting == "linear" else gaussian_weight(s, mu=mu, sigma=sigma)
         out.append(WeightedExample(
             prompt=generator_prompt(parent, rec.attempt), target=q.problem.strip(),
             weight=w, problem_id=q.id,
-            weight_source={"kind": "gaussian", "success_rate": s, "correct": c, "k": k,
+            weight_source={"kind": weighting, "success_rate": s, "correct": c, "k": k,
                            "mu": mu, "sigma": sigma}))
         stats["weight_sum"] += w
     stats["examples"] = len(out)

@@ -26,6 +26,19 @@ SUMMARY = "solver (online DPO) x frozen teacher (grade, refine) x generator (val
 DEFAULT_RECIPE = "recipes/local-tiny.yaml"
 ROLES = ("solver", "teacher", "generator")
 
+# `megatron-sz ablate`: named variants as recipe overrides (dotted keys), and the training
+# sections whose per-round step budget the ablation fixes so every variant trains the
+# solver for the same optimizer steps (equal compute; megatron_sz/ablation.py).
+ABLATIONS = {
+    "full": {},
+    "static": {"curriculum.mode": "static"},
+    "sft-only-rounds": {"solver.round_objective": "sft"},
+    "no-warmup": {"warmup.enabled": False},
+    "linear-weights": {"generator.wsft.weighting": "linear"},
+    "no-replay": {"curriculum.replay_ratio": 0.0},
+}
+ABLATION_BUDGET = ("solver.dpo",)  # static and sft-only rounds train with this section's budget too
+
 # The contracts: record files between stages (scope "run" = RUN_DIR/prepare).
 ACTIVE = Io("active.jsonl", Problem)
 HELDOUT = Io("heldout.jsonl", Problem, scope="run")
@@ -47,6 +60,8 @@ def co_evolution_round(t: int, run, recipe) -> None:
                   reads=(Io("sft.jsonl", WeightedExample, scope="run"),), writes=(Io("sft", Checkpoint),)))
         run(Stage("eval_sft", evaluate_warmup, "solver", "inference",
                   reads=(HELDOUT, Io("sft", Checkpoint)), writes=(Io("eval_sft.jsonl", Verdict),)))
+    if recipe.curriculum.mode == "static":
+        return static_round(t, run, recipe, solver_in)
     run(Stage("rollout", solver_rollouts, "solver", "inference", shards=S.rollout.shards,
               after=("sft",) if t == 0 else ("prev:curriculum", "prev:dpo"),
               reads=(ACTIVE, solver_in), writes=(ROLLOUTS,)))
@@ -72,6 +87,24 @@ def co_evolution_round(t: int, run, recipe) -> None:
         run(Stage("eval", evaluate, "solver", "inference", after=("dpo",),
                   reads=(HELDOUT, Io("dpo", Checkpoint)), writes=(Io("eval.jsonl", Verdict),)))
     run(Stage("report", report, "solver", after=("curriculum", "eval", "wsft", "probe", "prev:report")))
+
+
+def static_round(t: int, run, recipe, solver_in: Io) -> None:
+    """``curriculum.mode: static``, the paper's static-augmentation control: round 0's teacher
+    writes every problem up front from the seeds alone (no solver feedback), and each round's
+    solver update (stage ``dpo``, so the chain of models is the same) is SFT on their
+    reference solutions with the round's step budget (``round_sft_recipe``)."""
+    STATIC = Io("static.jsonl", Problem, scope="run")
+    if t == 0:
+        run(Stage("static", static_problems, "teacher", "inference", after=("prepare",),
+                  reads=(Io("seeds.jsonl", Problem, scope="run"), HELDOUT), writes=(STATIC,)))
+    run(Stage("dpo", static_sft, "solver", "training", world_size=recipe.solver.parallel.world_size,
+              after=("static", "sft") if t == 0 else ("prev:dpo",), reads=(STATIC, solver_in),
+              writes=(Io("dpo", Checkpoint),)))
+    if recipe.eval.enabled:
+        run(Stage("eval", evaluate, "solver", "inference", after=("dpo",),
+                  reads=(HELDOUT, Io("dpo", Checkpoint)), writes=(Io("eval.jsonl", Verdict),)))
+    run(Stage("report", report, "solver", after=("eval", "dpo", "prev:report")))
 
 
 # --------------------------------------------------------------------------- models
@@ -126,11 +159,13 @@ def _heldout(ctx: RoundContext):
     return ctx.cache["heldout"]
 
 
-def _train(ctx: RoundContext, kind: str, data: Path, init: str | None, out: Path) -> dict:
+def _train(ctx: RoundContext, kind: str, data: Path, init: str | None, out: Path, *, recipe=None,
+           max_steps: int | None = None) -> dict:
     """Run one training job in this process (the executors start it fresh); returns marker info."""
     from megatron_sz.train.jobs import run_job
 
-    res = run_job(kind, ctx.recipe, str(data), init, str(out), tokenizer=ctx.tokenizer_path)
+    res = run_job(kind, recipe or ctx.recipe, str(data), init, str(out), tokenizer=ctx.tokenizer_path,
+                  max_steps=max_steps)
     if res.exit_code != 0:
         raise SystemExit(int(res.exit_code))  # 75: preempted after a checkpoint; the rerun resumes
     last = {}
@@ -157,7 +192,18 @@ def prepare(ctx: RoundContext, shard: int | None) -> dict:
 
 def solver_sft(ctx: RoundContext, shard: int | None) -> dict:
     data = ctx.rd.prepare_dir / "sft.jsonl"
-    return _train(ctx, "solver-sft", data, initial_model(ctx.rd, ctx.recipe, "solver"), ctx.path("sft"))
+    init = initial_model(ctx.rd, ctx.recipe, "solver")
+    if ctx.recipe.warmup.enabled:
+        return _train(ctx, "solver-sft", data, init, ctx.path("sft"))
+    # No warm-up: the initial weights, exported through the trainer by one step at lr 0
+    # (AdamW with lr 0 changes nothing; the accounting counts only steps with lr > 0).
+    import copy
+
+    r = copy.deepcopy(ctx.recipe)
+    r.solver.sft.optim.lr = r.solver.sft.optim.min_lr = 0.0
+    r.solver.sft.optim.warmup_steps = 0
+    info = _train(ctx, "solver-sft", data, init, ctx.path("sft"), recipe=r, max_steps=1)
+    return {**info, "warmup": "disabled (initial weights, one step at lr 0)"}
 
 
 def evaluate_warmup(ctx: RoundContext, shard: int | None) -> dict:
@@ -220,7 +266,88 @@ def solver_dpo(ctx: RoundContext, shard: int | None) -> dict:
     init = model_after(ctx, "solver", ctx.t - 1)
     if not any(True for _ in iter_jsonl(data)):
         return {"model": None, "skipped": "no preference pairs (every problem solved k/k)"}
+    if ctx.recipe.solver.round_objective == "sft":  # ablation: SFT on the winners, same budget
+        seen: set[tuple[str, str]] = set()
+        winners = []
+        for o in iter_jsonl(data):
+            if (o["prompt"], o["chosen"]) not in seen:
+                seen.add((o["prompt"], o["chosen"]))
+                winners.append(WeightedExample(prompt=o["prompt"], target=o["chosen"], weight=1.0,
+                                               problem_id=o.get("problem_id")))
+        sft_data = ctx.path("dpo_sft.jsonl")
+        write_jsonl(sft_data, winners)
+        info = _train(ctx, "solver-sft", sft_data, init, ctx.path("dpo"), recipe=round_sft_recipe(ctx.recipe))
+        return {**info, "objective": "sft", "winners": len(winners)}
     return _train(ctx, "solver-dpo", data, init, ctx.path("dpo"))
+
+
+def round_sft_recipe(recipe):
+    """The recipe with ``solver.sft`` replaced by the round's SFT update: the dpo section's
+    batching, steps and optimizer, with twice the batch (a pair is two sequences), so an SFT
+    round trains as many sequences per optimizer step as a DPO round."""
+    import copy
+    import dataclasses
+
+    from megatron_sz.recipe import SFTSpec, TrainSpec
+
+    r = copy.deepcopy(recipe)
+    d = r.solver.dpo
+    fields = {f.name: getattr(d, f.name) for f in dataclasses.fields(TrainSpec)}
+    fields.update(micro_batch_size=2 * d.micro_batch_size, global_batch_size=2 * d.global_batch_size)
+    r.solver.sft = SFTSpec(**fields)
+    return r
+
+
+def static_problems(ctx: RoundContext, shard: int | None) -> dict:
+    """Static augmentation: for every round and seed, ``refinements_per_failure`` teacher
+    rewrites of the seed in the learning zone (what co-evolution's teacher writes per round,
+    without the solver's attempts), self-verified, de-duplicated, held-out ones dropped."""
+    from megatron_sz.curriculum import refinement_id
+    from megatron_sz.teacher import make_teacher
+
+    rec = ctx.recipe.teacher
+    seeds = ctx.read("seeds.jsonl")
+    teacher = make_teacher(rec, seed=_seed(ctx, "static"))
+    out, texts, counts = [], {p.problem.strip() for p in seeds}, {"ok": 0, "duplicate": 0, "unverified": 0,
+                                                                  "failed": 0}
+    for r in range(max(1, ctx.recipe.rounds)):
+        for p in seeds:
+            for j in range(rec.refinements_per_failure):
+                o = teacher.refine(p, zone="learning", round=r, variant=j)
+                if o.status != "ok" or o.problem is None:
+                    counts["failed"] += 1
+                    continue
+                q = o.problem
+                q.id = refinement_id(p.id, r, j)
+                q.provenance, q.parent_id, q.round = "teacher", p.id, r
+                if q.problem.strip() in texts:
+                    counts["duplicate"] += 1
+                    continue
+                if not teacher.self_verify(q).keep:
+                    counts["unverified"] += 1
+                    continue
+                texts.add(q.problem.strip())
+                out.append(q)
+                counts["ok"] += 1
+    teacher.close()
+    problems, dropped = _heldout(ctx).filter(list(seeds) + out, lambda q: (q.problem,))
+    write_jsonl(ctx.output("static.jsonl"), problems)
+    return {**counts, "problems": len(problems), "seeds": len(seeds), "heldout_filtered": dropped}
+
+
+def static_sft(ctx: RoundContext, shard: int | None) -> dict:
+    """Round t's solver update in static mode: SFT on the static problems' reference solutions."""
+    from megatron_sz.pairs import reference_text
+    from megatron_sz.rollout import solver_prompt
+
+    tmpl = ctx.recipe.solver.rollout.prompt_template
+    examples = [WeightedExample(prompt=solver_prompt(p, tmpl), target=reference_text(p), weight=1.0, problem_id=p.id)
+                for p in ctx.read("static.jsonl")]
+    data = ctx.path("static_sft.jsonl")
+    write_jsonl(data, examples)
+    init = model_after(ctx, "solver", ctx.t - 1)
+    info = _train(ctx, "solver-sft", data, init, ctx.path("dpo"), recipe=round_sft_recipe(ctx.recipe))
+    return {**info, "objective": "sft", "examples": len(examples)}
 
 
 def teacher_refine(ctx: RoundContext, shard: int | None) -> dict:
@@ -327,7 +454,7 @@ def wsft_examples(ctx: RoundContext) -> tuple[list[WeightedExample], dict]:
     # The held-out rule: neither the new problem (the target) nor its parent may be held out.
     recs, dropped = _heldout(ctx).filter(
         _validated(ctx), lambda r: (r.problem.problem, parents[r.parent_id].problem if r.parent_id in parents else ""))
-    examples, stats = build_wsft_examples(recs, parents, rates, mu=g.mu, sigma=g.sigma)
+    examples, stats = build_wsft_examples(recs, parents, rates, mu=g.mu, sigma=g.sigma, weighting=g.weighting)
     stats["heldout_filtered"] = dropped
     return examples, stats
 
