@@ -4,7 +4,7 @@ A 3-minute ``evolve`` of the tiny recipe printed about 200 lines on stderr besid
 progress: Megatron's "Apex / Transformer Engine is not installed, falling back" notices
 (once per process and module), a Megatron config deprecation it triggers itself, torch
 distributed-checkpoint deprecations raised from inside Megatron, and wandb's banner and run
-summary for every training job (issue 20). None of them is actionable for a user of this
+summary for every training job, transformers' weight-loading bar (issue 20). None of them is actionable for a user of this
 package, so each is filtered here by its exact message, and nothing else: an unexpected
 warning still shows. The setting travels to child processes (trainers, spawned ranks)
 through the environment.
@@ -42,3 +42,6 @@ def install(verbose_flag: bool = False) -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     # wandb's banner, "Run history / Run summary" and sync hints for every job.
     os.environ.setdefault("WANDB_SILENT", "true")
+    # transformers' "Loading weights" bar each time a backend loads a model (a tiny one in
+    # milliseconds); our own progress bars are not affected.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
