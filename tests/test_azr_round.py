@@ -33,7 +33,7 @@ def azr_micro_recipe(tmp_path: Path, *, rounds: int = 1, **top) -> Path:
     r["solver"]["model"] = {"config": dict(MICRO_MODEL), "dtype": "fp32"}
     r["solver"]["sft"] = {"max_length": 128, "micro_batch_size": 16, "global_batch_size": 16, "max_steps": 3,
                           "optim": {"lr": 3e-3}}
-    r["solver"]["pg"] = {"estimator": "trr++", "max_length": 128, "micro_batch_size": 16, "global_batch_size": 16,
+    r["solver"]["pg"] = {"estimator": "trr++", "max_length": 128, "micro_batch_size": 4, "global_batch_size": 4,
                          "max_steps": 2, "optim": {"lr": 1e-4}}
     r["wandb"] = {"mode": "disabled"}
     r.update(top)
