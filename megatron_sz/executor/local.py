@@ -113,9 +113,10 @@ def run_local(rd: RunDir, recipe, *, rounds: int, progress: bool = True) -> None
                 print(f"{label} done in {_fmt(time.time() - s0)}", flush=True)
             round_times.append(time.time() - r0)
         total = time.time() - t_start
-        from megatron_sz.report import check_and_repair
+        from megatron_sz.systems import get_system
 
-        repaired = check_and_repair(rd)  # complete means the summary is right too (issue 20)
+        finish = get_system(plans[0].system).finish if plans else None
+        repaired = finish(rd) if finish else None  # complete means the summary is right too (issue 20)
         if repaired:
             print(f"repaired {repaired}", flush=True)
         print(f"== all {rounds} rounds complete in {_fmt(total)} this run"

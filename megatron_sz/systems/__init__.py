@@ -22,39 +22,28 @@ class SystemSpec:
     round: Callable[[int, Callable[[Any], None], Any], None]
     default_recipe: str
     roles: tuple[str, ...]
+    #: Optional ``finish(rd) -> str | None``: run when every round is complete (e.g. check and
+    #: rebuild the run's summary files from the per-round records); returns what it repaired.
+    finish: Callable[[Any], str | None] | None = None
 
 
-def _socratic_zero() -> SystemSpec:
-    from megatron_sz.systems import socratic_zero as m
-
-    return SystemSpec(m.NAME, m.SUMMARY, m.co_evolution_round, m.DEFAULT_RECIPE, m.ROLES)
-
-
-def _agent0() -> SystemSpec:
-    from megatron_sz.systems import agent0 as m
-
-    return SystemSpec(m.NAME, m.SUMMARY, m.agent0_round, m.DEFAULT_RECIPE, m.ROLES)
-
-
-def _absolute_zero() -> SystemSpec:
-    from megatron_sz.systems import absolute_zero as m
-
-    return SystemSpec(m.NAME, m.SUMMARY, m.self_play_round, m.DEFAULT_RECIPE, m.ROLES)
-
-
-def _promptcot() -> SystemSpec:
-    from megatron_sz.systems import promptcot as m
-
-    return SystemSpec(m.NAME, m.SUMMARY, m.promptcot_round, m.DEFAULT_RECIPE, m.ROLES)
-
-
-#: name -> loader of the system's spec (modules are imported only when used).
-SYSTEMS: dict[str, Callable[[], SystemSpec]] = {
-    "socratic-zero": _socratic_zero,
-    "absolute-zero": _absolute_zero,
-    "agent0": _agent0,
-    "promptcot": _promptcot,
+#: name -> (module in megatron_sz.systems, its round function). A module also defines NAME,
+#: SUMMARY, DEFAULT_RECIPE, ROLES and optionally finish(rd). Modules are imported only when used.
+SYSTEMS: dict[str, tuple[str, str] | Callable[[], SystemSpec]] = {
+    "socratic-zero": ("socratic_zero", "co_evolution_round"),
+    "absolute-zero": ("absolute_zero", "self_play_round"),
+    "agent0": ("agent0", "agent0_round"),
+    "promptcot": ("promptcot", "promptcot_round"),
 }
+
+
+def _load(module: str, round_fn: str) -> SystemSpec:
+    import importlib
+
+    m = importlib.import_module(f"megatron_sz.systems.{module}")
+    return SystemSpec(m.NAME, m.SUMMARY, getattr(m, round_fn), m.DEFAULT_RECIPE, tuple(m.ROLES),
+                      getattr(m, "finish", None))
+
 
 DEFAULT_SYSTEM = "socratic-zero"
 
@@ -67,7 +56,8 @@ def get_system(name: str) -> SystemSpec:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UserError(f"unknown system {name!r}", where="system",
                         fix=f"{hint}registered systems: {', '.join(SYSTEMS)} (megatron-sz systems)")
-    return SYSTEMS[name]()
+    entry = SYSTEMS[name]
+    return entry() if callable(entry) else _load(*entry)  # a callable: a plug-in's own loader
 
 
 def all_systems() -> list[SystemSpec]:

@@ -497,6 +497,13 @@ def _evaluate(ctx: RoundContext, model: str, name: str) -> dict:
     return {"accuracy": acc, "n": len(trajs), "model": model}
 
 
+def finish(rd) -> str | None:
+    """A finished run's summary (metrics.jsonl, plot.png) must match its per-round records."""
+    from megatron_sz.report import check_and_repair
+
+    return check_and_repair(rd)
+
+
 def report(ctx: RoundContext, shard: int | None) -> dict:
     """Per-round metrics -> rounds/rNNN/metrics.json, RUN/metrics.jsonl (rewritten), plot.png."""
     from megatron_sz.report import write_round_metrics
