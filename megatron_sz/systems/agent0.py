@@ -479,6 +479,13 @@ def _evaluate(ctx: RoundContext, model: str, name: str) -> dict:
     return {"accuracy": acc, "n": len(trajs), "tool_calls_mean": calls, "model": model}
 
 
+def finish(rd) -> str | None:
+    """The systems registry's end-of-run hook: metrics.jsonl and plot.png match the rounds."""
+    from megatron_sz.systems.agent0_report import finish as rebuild
+
+    return rebuild(rd)
+
+
 def report(ctx: RoundContext, shard: int | None) -> dict:
     from megatron_sz.systems.agent0_report import write_round_metrics
 

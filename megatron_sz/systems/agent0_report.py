@@ -121,5 +121,23 @@ def plot(rows: list[dict], path) -> None:
     for row in ax:
         for a in row:
             a.set_xlabel("round")
+    ax[0][1].set_xlabel("p")
     fig.tight_layout()
     _save(fig, path)
+
+
+def finish(rd) -> str | None:
+    """When every round is done: rebuild ``metrics.jsonl`` and ``plot.png`` from the per-round
+    records if either is missing or out of date; returns what was repaired."""
+    rows = [json.loads((rd.round_dir(t) / "metrics.json").read_text()) for t in rd.rounds_present()
+            if (rd.round_dir(t) / "metrics.json").exists()]
+    if not rows:
+        return None
+    want = "".join(json.dumps(x) + "\n" for x in rows)
+    path = rd.root / "metrics.jsonl"
+    have = path.read_text(encoding="utf-8", errors="replace") if path.exists() else None
+    if have == want and (rd.root / "plot.png").exists():
+        return None
+    atomic_write_text(path, want)
+    plot(rows, rd.root / "plot.png")
+    return f"{path}: {'missing' if have is None else 'out of date'}; rebuilt from {len(rows)} rounds"
