@@ -71,6 +71,8 @@ class Stage:
     world_size: int = 1  # processes of a training stage (tp * pp * dp)
     reads: tuple[Io, ...] = ()
     writes: tuple[Io, ...] = ()
+    job: str | None = None  # training stages: the train.jobs.JOBS kind it runs (what `plan` sizes)
+    train_spec: Any = None  # training stages: its train section, when not the job's default one
 
     def __post_init__(self) -> None:
         if self.resource not in RESOURCES:

@@ -87,7 +87,7 @@ def test_non_utf8_seed_file_names_the_line(tmp_path):
 
 
 def test_plan_batch_error_names_the_dpo_field_in_pairs():
-    line = one_line_error(cli("plan", QWEN_TP2, "--dp", "3"))
+    line = one_line_error(cli("plan", QWEN_TP2, "--dp", "3", "--job", "solver-dpo"))
     assert "solver.dpo.global_batch_size" in line and "solver.parallel" not in line, line
     assert "64 pairs" in line and "1*3 = 3" in line, line  # the recipe's numbers, not DPO-doubled ones
 

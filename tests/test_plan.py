@@ -250,3 +250,20 @@ def test_planner_imports_no_torch_or_megatron():
             "bad = [m for m in ('torch', 'megatron', 'megatron.core', 'transformers') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_plan_covers_every_training_job_of_each_system():
+    """`plan RECIPE` sizes the jobs the system's round plan trains, for every system."""
+    from megatron_sz.cli.plan import training_jobs
+    from megatron_sz.recipe import load_recipe
+    from megatron_sz.systems import all_systems
+
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for system in all_systems():
+        recipe = load_recipe(root / system.default_recipe)
+        jobs = training_jobs(recipe)
+        assert jobs, f"{system.name}: no training job declared by its stages"
+        for role, spec, kind, section, train in jobs:
+            assert role in system.roles and train.micro_batch_size >= 1, (system.name, kind, section)

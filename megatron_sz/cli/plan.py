@@ -2,9 +2,10 @@
 
 Two ways in:
 
-* ``megatron-sz plan RECIPE [--role solver|generator]`` plans the training jobs of a
-  recipe (both roles by default) from their ``model`` and ``parallel`` sections and the
-  training section's ``max_length`` / ``micro_batch_size`` / ``global_batch_size``;
+* ``megatron-sz plan RECIPE [--role ROLE]`` plans every training job of the recipe's system
+  (the training stages of its round plan name their job and train section) from the role's
+  ``model`` and ``parallel`` sections and the train section's ``max_length`` /
+  ``micro_batch_size`` / ``global_batch_size``;
 * ``megatron-sz plan --model CONFIG.json --tp 2 --pp 1 --dp 4 --seq 2048 --mbs 1`` plans
   any HF config. Flags given with a recipe override the recipe's values.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from megatron_sz.errors import LayoutError, UserError
 
@@ -30,8 +32,11 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", default=None,
                    help="recipe YAML (path, or name in the packaged recipes/ folder)")
-    p.add_argument("--role", choices=("solver", "generator"), default=None,
-                   help="plan only this role's training job (default: both)")
+    p.add_argument("--role", default=None,
+                   help="plan only this role's training jobs, e.g. solver or generator (default: every "
+                        "training job of the recipe's system)")
+    p.add_argument("--job", default=None,
+                   help="plan only this training job kind, e.g. solver-dpo (see `megatron-sz train --help`)")
     p.add_argument("--model", default=None,
                    help="HF config.json, or a folder holding one (instead of a recipe)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size")
@@ -84,32 +89,65 @@ def _batch_error(job: dict, src: dict | None, err: LayoutError) -> LayoutError:
                        fix=f"use a multiple of {per} (e.g. {up}), or another dp")
 
 
+def training_jobs(recipe) -> list[tuple[str, Any, str, str, Any]]:
+    """The distinct training jobs of a recipe's system, from its round plans (rounds 0 and 1):
+    (role, job spec, kind, section name, train spec), in plan order. The system's stages say
+    which job they run (``Stage.job``) and with which train section (``Stage.train_spec``)."""
+    from megatron_sz.round import plan_round
+    from megatron_sz.train.jobs import job_spec
+
+    out, seen = [], set()
+    for t in range(min(2, max(1, recipe.rounds))):
+        for s in plan_round(recipe, t):
+            if not s.train or not s.job:
+                continue
+            spec = job_spec(s.job)
+            train = s.train_spec if s.train_spec is not None else getattr(getattr(recipe, s.role), spec.section)
+            name = _section_name(recipe, train) or f"{s.role}.{spec.section}"
+            if (s.role, s.job, name) in seen:
+                continue
+            seen.add((s.role, s.job, name))
+            out.append((s.role, spec, s.job, name, train))
+    return out
+
+
+def _section_name(recipe, train) -> str | None:
+    """The dotted recipe path of a train section object (for messages), e.g. solver.dpo."""
+    import dataclasses
+
+    for top in dataclasses.fields(recipe):
+        sec = getattr(recipe, top.name)
+        if not dataclasses.is_dataclass(sec):
+            continue
+        for f in dataclasses.fields(sec):
+            if getattr(sec, f.name) is train:
+                return f"{top.name}.{f.name}"
+    return None
+
+
 def _recipe_jobs(args) -> list[dict]:
+    from megatron_sz.data import PreferencePair
     from megatron_sz.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    roles = [args.role] if args.role else ["solver", "generator"]
     jobs = []
-    for role in roles:
-        section = getattr(recipe, role)
-        if role == "generator" and not section.enabled and not args.role:
+    for role, spec, kind, section_name, train in training_jobs(recipe):
+        if (args.role and role != args.role) or (args.job and kind != args.job):
             continue
+        section = getattr(recipe, role)
         where = f"{recipe.source}: {role}.parallel"
         cfg = section.model.hf_config(recipe, where=f"{where}.model")
-        train = section.dpo if role == "solver" else section.wsft
         par = section.parallel
-        seqs_per_mb = 2 if role == "solver" else 1  # DPO: chosen + rejected
+        seqs_per_mb = 2 if spec.record is PreferencePair else 1  # DPO: chosen + rejected
         mbs = _pick(args.mbs, train.micro_batch_size * seqs_per_mb)
         gbs = _pick(args.gbs, train.global_batch_size * seqs_per_mb)
-        section_name = f"{role}.{'dpo' if role == 'solver' else 'wsft'}"
         # The planner counts sequences; batch errors are reported in the recipe's own fields and
         # units (a DPO pair is two sequences), not as DPO-doubled numbers of solver.parallel.
         batch_source = None if (args.mbs or args.gbs) else dict(
-            where=f"{recipe.source}: {section_name}.global_batch_size",
-            unit="pairs" if role == "solver" else "examples",
+            where=f"{recipe.source}: {section_name}.global_batch_size", unit=spec.unit,
             micro_batch_size=train.micro_batch_size, global_batch_size=train.global_batch_size)
         jobs.append(dict(
-            batch_source=batch_source, hf_config=cfg, label=f"{recipe.name} / {role} ({'DPO' if role == 'solver' else 'weighted SFT'})",
+            batch_source=batch_source, hf_config=cfg, label=f"{recipe.name} / {role} ({kind}, {section_name})",
             where=where,
             tp=_pick(args.tp, par.tp), pp=_pick(args.pp, par.pp),
             virtual_pp=_pick(args.vpp, par.virtual_pp),
@@ -135,6 +173,11 @@ def run(args) -> int:
                             "megatron-sz plan --model recipes/models/qwen3-8b.json --tp 2 --seq 2048")
     if args.recipe is not None:
         jobs = _recipe_jobs(args)
+        if not jobs:
+            raise UserError(f"{args.recipe}: no training job to plan"
+                            + (f" for --role {args.role}" if args.role else "")
+                            + (f" --job {args.job}" if args.job else ""),
+                            fix="drop --role/--job, or check that the system's training stages name their job")
     else:
         from megatron_sz.model_shape import read_hf_config
 

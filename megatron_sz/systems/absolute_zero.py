@@ -57,7 +57,7 @@ def self_play_round(t: int, run, recipe) -> None:
     if t == 0:
         run(Stage("prepare", prepare, "solver", writes=(HELDOUT, SFT_DATA, *buffers_io())))
         if warm:
-            run(Stage("sft", warmup_sft, "solver", "training", world_size=S.parallel.world_size,
+            run(Stage("sft", warmup_sft, "solver", "training", world_size=S.parallel.world_size, job="solver-sft",
                       reads=(SFT_DATA,), writes=(Io("sft", Checkpoint),)))
         run(Stage("eval_sft", evaluate_warmup, "solver", "inference", reads=(HELDOUT, *model_in),
                   writes=(Io("eval_sft.jsonl", Verdict),)))
@@ -74,6 +74,7 @@ def self_play_round(t: int, run, recipe) -> None:
     run(Stage("rewards", rewards, "solver", after=("score",),
               reads=(PROPOSALS, VALIDATIONS, *buffers_io(), SCORES, HELDOUT), writes=(ROLLOUTS,)))
     run(Stage("train", train, "solver", "training", after=("rewards",), world_size=S.parallel.world_size,
+              job="policy-gradient",
               reads=(ROLLOUTS, *model_in), writes=(Io("train", Checkpoint),)))
     run(Stage("buffer", update_buffers, "solver", after=("validate",),
               reads=(*buffers_io(), VALIDATIONS, HELDOUT), writes=buffers_io("next")))

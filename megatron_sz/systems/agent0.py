@@ -59,7 +59,7 @@ def agent0_round(t: int, run, recipe) -> None:
     exe_in = Io("warmup", Checkpoint) if t == 0 else Io("train_executor", Checkpoint, scope="prev")
     if t == 0:  # held-out set, tool-use traces run in the sandbox, tokenizer; one warmed-up base model
         run(Stage("prepare", prepare, "solver", "sandbox", writes=(HELDOUT, WARMUP)))
-        run(Stage("warmup", warmup, "solver", "training", world_size=S.parallel.world_size,
+        run(Stage("warmup", warmup, "solver", "training", world_size=S.parallel.world_size, job="solver-sft",
                   reads=(WARMUP,), writes=(Io("warmup", Checkpoint),)))
         run(Stage("eval_warmup", evaluate_warmup, "solver", "inference",
                   reads=(HELDOUT, Io("warmup", Checkpoint)), writes=(Io("eval_warmup.jsonl", ToolTrajectory),)))
@@ -72,10 +72,11 @@ def agent0_round(t: int, run, recipe) -> None:
     run(Stage("score", score, "solver", after=("solve",),
               reads=(PROPOSALS, SOLVE, HELDOUT), writes=(SIGNALS, CURRICULUM_DATA, EXECUTOR_DATA)))
     run(Stage("train_curriculum", train_curriculum, "generator", "training", after=("score",),
-              world_size=G.parallel.world_size, reads=(CURRICULUM_DATA, cur_in),
+              world_size=G.parallel.world_size, job="policy-gradient", train_spec=recipe.agent0.curriculum_pg,
+              reads=(CURRICULUM_DATA, cur_in),
               writes=(Io("train_curriculum", Checkpoint),)))
     run(Stage("train_executor", train_executor, "solver", "training", after=("score",),
-              world_size=S.parallel.world_size, reads=(EXECUTOR_DATA, exe_in),
+              world_size=S.parallel.world_size, job="policy-gradient", reads=(EXECUTOR_DATA, exe_in),
               writes=(Io("train_executor", Checkpoint),)))
     if recipe.eval.enabled:
         run(Stage("eval", evaluate, "solver", "inference", after=("train_executor",),

@@ -67,7 +67,7 @@ def promptcot_round(t: int, run, recipe) -> None:
         run(Stage("sft_data", build_sft_data, "generator", after=("rationale",),
                   reads=(RATIONALES, HELDOUT), writes=(SFT_DATA,)))
         run(Stage("sft", generator_sft, "generator", "training", world_size=G.parallel.world_size,
-                  reads=(SFT_DATA,), writes=(Io("sft", Checkpoint),)))
+                  job="generator-wsft", train_spec=P.sft, reads=(SFT_DATA,), writes=(Io("sft", Checkpoint),)))
     run(Stage("sample", sample_candidates, "generator", "inference", shards=G.rollout.shards,
               after=("sft",) if t == 0 else ("prev:rs", "prev:select"),
               reads=(CONCEPTS, generator_in), writes=(CANDIDATES,)))
@@ -77,7 +77,7 @@ def promptcot_round(t: int, run, recipe) -> None:
               reads=(CANDIDATES, SCORES, HELDOUT),
               writes=(Io("rs.jsonl", WeightedExample), KEPT)))
     run(Stage("rs", generator_rs, "generator", "training", after=("select",), world_size=G.parallel.world_size,
-              reads=(Io("rs.jsonl", WeightedExample), generator_in), writes=(Io("rs", Checkpoint),)))
+              job="generator-wsft", reads=(Io("rs.jsonl", WeightedExample), generator_in), writes=(Io("rs", Checkpoint),)))
     run(Stage("synthesize", synthesize, "teacher", after=("select", "prev:synthesize"),
               reads=(KEPT, HELDOUT, Io("synthesized.jsonl", SynthesizedProblem, scope="prev", optional=True)),
               writes=(SYNTHESIZED,)))
@@ -87,7 +87,7 @@ def promptcot_round(t: int, run, recipe) -> None:
         run(Stage("solutions", teacher_solutions, "teacher", "inference", after=("synthesize",),
                   reads=(SYNTHESIZED,), writes=(Io("solutions.jsonl", Problem),)))
         run(Stage("solver_sft", solver_sft, "solver", "training", after=("solutions",), world_size=S.parallel.world_size,
-                  reads=(Io("solutions.jsonl", Problem), HELDOUT),
+                  job="solver-sft", reads=(Io("solutions.jsonl", Problem), HELDOUT),
                   writes=(Io("solver_sft.jsonl", Problem), Io("solver_sft", Checkpoint))))
         run(Stage("quality", quality, "solver", "inference", after=("solver_sft", "rs"),
                   reads=(Io("solutions.jsonl", Problem), SYNTHESIZED, HELDOUT, CONCEPTS,

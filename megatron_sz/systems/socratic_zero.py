@@ -56,7 +56,7 @@ def co_evolution_round(t: int, run, recipe) -> None:
         run(Stage("prepare", prepare, "solver", writes=(
             Io("seeds.jsonl", Problem, scope="run"), HELDOUT, Io("sft.jsonl", WeightedExample, scope="run"),
             Io("pool.jsonl", Problem), ACTIVE)))
-        run(Stage("sft", solver_sft, "solver", "training", world_size=S.parallel.world_size,
+        run(Stage("sft", solver_sft, "solver", "training", world_size=S.parallel.world_size, job="solver-sft",
                   reads=(Io("sft.jsonl", WeightedExample, scope="run"),), writes=(Io("sft", Checkpoint),)))
         run(Stage("eval_sft", evaluate_warmup, "solver", "inference",
                   reads=(HELDOUT, Io("sft", Checkpoint)), writes=(Io("eval_sft.jsonl", Verdict),)))
@@ -70,13 +70,14 @@ def co_evolution_round(t: int, run, recipe) -> None:
     run(Stage("pairs", build_preference_pairs, "solver", after=("verify",),
               reads=(ACTIVE, VERDICTS, HELDOUT), writes=(Io("pairs.jsonl", PreferencePair),)))
     run(Stage("dpo", solver_dpo, "solver", "training", after=("pairs",), world_size=S.parallel.world_size,
+              job="solver-dpo",
               reads=(Io("pairs.jsonl", PreferencePair), solver_in), writes=(Io("dpo", Checkpoint),)))
     run(Stage("refine", teacher_refine, "teacher", "inference", shards=T.shards, after=("verify",),
               reads=(ACTIVE, VERDICTS), writes=(REFINEMENTS,)))
     run(Stage("probe", probe_new_problems, "solver", "inference", shards=S.rollout.shards, after=("dpo", "refine"),
               reads=(REFINEMENTS, Io("dpo", Checkpoint)), writes=(PROBES,)))
     if G.enabled:
-        run(Stage("wsft", generator_wsft, "generator", "training", after=("probe", "prev:wsft"),
+        run(Stage("wsft", generator_wsft, "generator", "training", after=("probe", "prev:wsft"), job="generator-wsft",
                   world_size=G.parallel.world_size,
                   reads=(ACTIVE, REFINEMENTS, PROBES, HELDOUT, Io("wsft", Checkpoint, scope="prev", optional=True)),
                   writes=(Io("wsft.jsonl", WeightedExample), Io("wsft", Checkpoint))))
