@@ -334,6 +334,9 @@ def _train_in_child(chunks: list[str], options: dict) -> bytes:
     pid = os.fork()
     if pid == 0:  # child: train, write "ok"/"error" + payload, exit without cleanup
         os.close(read_fd)
+        import faulthandler
+
+        faulthandler.disable()  # an abort in here is reported by the parent, not dumped on stderr
         code = 0
         try:
             model = io.BytesIO()
