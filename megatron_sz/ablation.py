@@ -234,7 +234,10 @@ def run_all(ab: Ablation, *, executor: str = "local", log=print) -> list[Run]:
     """Run (local) or submit (slurm) every unfinished variant x seed; returns those not complete."""
     import os
 
-    todo = [r for r in ab.runs if not run_complete(r)]
+    # seed-major: every variant of the first seed before the next seed, so an interrupted
+    # ablation already holds paired comparisons
+    order = {v: i for i, v in enumerate(ab.variants)}
+    todo = sorted((r for r in ab.runs if not run_complete(r)), key=lambda r: (ab.seeds.index(r.seed), order[r.variant]))
     done = len(ab.runs) - len(todo)
     log(f"ablate: {len(ab.runs)} runs ({len(ab.variants)} variants x {len(ab.seeds)} seeds), "
         f"{done} already complete, {len(todo)} to {'run' if executor == 'local' else 'submit'}")
