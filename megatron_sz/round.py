@@ -278,6 +278,56 @@ class RoundContext:
         tok = self.recipe.solver.model.tokenizer or self.recipe.tokenizer.path
         return str(self.recipe.resolve_path(tok)) if tok else None
 
+    # ---- plumbing every system's stages share
+    def seed(self, *parts) -> int:
+        """A deterministic seed for this round and purpose (same on every rerun)."""
+        from megatron_sz.inference.base import stable_seed
+
+        return stable_seed(self.recipe.seed, self.t, *parts)
+
+    def heldout(self):
+        """The run's held-out filter (``heldout.for_run``), built once per stage."""
+        from megatron_sz import heldout
+
+        if "heldout" not in self.cache:
+            self.cache["heldout"] = heldout.for_run(self.rd, self.recipe)
+        return self.cache["heldout"]
+
+    def train(self, kind: str, data: Path, init: str | None, out: Path, *, recipe=None) -> dict:
+        """Run training job ``kind`` (``train.jobs.JOBS``) in this process (the executors start
+        training stages fresh) and return the completion marker's info: the output folder,
+        its HF export and a summary (the last step's numbers and the job's totals). A
+        preempted job exits 75 after its checkpoint; the rerun resumes it."""
+        from megatron_sz.data import iter_jsonl
+        from megatron_sz.train.jobs import run_job
+
+        res = run_job(kind, recipe or self.recipe, str(data), init, str(out), tokenizer=self.tokenizer_path)
+        if res.exit_code != 0:
+            raise SystemExit(int(res.exit_code))
+        last: dict = {}
+        metrics = Path(out) / "metrics.jsonl"
+        if metrics.exists():
+            for obj in iter_jsonl(metrics, allow_partial_tail=True):
+                if "loss" in obj and "step" in obj:
+                    last = obj
+        summary = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        summary.update({k: res.summary.get(k) for k in ("total_steps", "wall_s", "eval_start", "eval_end",
+                                                       "train_items")})
+        return {"model": str(out), "hf": res.hf_dir, "summary": summary}
+
+    def latest_model(self, t: int, stage: str, *, first: str | None, role: str) -> str | None:
+        """``role``'s model after round t (t = -1: before round 0's training): the output of the
+        newest ``stage`` marker of rounds t..0 that has a model, else round 0's ``first``
+        stage (a warm-up), else the recipe's starting weights (None: random init)."""
+        for r in range(t, -1, -1):
+            m = self.rd.read_marker(r, stage)
+            if m and m.get("model"):
+                return m["model"]
+        m = self.rd.read_marker(0, first) if first else None
+        if m and m.get("model"):
+            return m["model"]
+        return initial_model(self.rd, self.recipe, role)
+
     # ---- typed I/O through the stage's contract
     def io_path(self, io: Io) -> Path:
         base = {"round": self.dir, "prev": self.rd.round_dir(self.t - 1), "next": self.rd.round_dir(self.t + 1),

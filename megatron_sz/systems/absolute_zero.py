@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter, defaultdict
-from pathlib import Path
 
 from megatron_sz.data import (AzrProposal, AzrTask, AzrValidation, Checkpoint, JsonlAppender, ScoredRollout,
                               Trajectory, Verdict, WeightedExample, atomic_write_json, atomic_write_text,
@@ -88,20 +87,7 @@ def self_play_round(t: int, run, recipe) -> None:
 
 def model_after(ctx: RoundContext, t: int) -> str | None:
     """The model after round t (t = -1: its start: the warm-up's, else the recipe's)."""
-    for r in range(t, -1, -1):
-        m = ctx.rd.read_marker(r, "train")
-        if m and m.get("model"):
-            return m["model"]
-    m = ctx.rd.read_marker(0, "sft")
-    if m and m.get("model"):
-        return m["model"]
-    return initial_model(ctx.rd, ctx.recipe, "solver")
-
-
-def _seed(ctx: RoundContext, *parts) -> int:
-    from megatron_sz.inference.base import stable_seed
-
-    return stable_seed(ctx.recipe.seed, ctx.t, *parts)
+    return ctx.latest_model(t, "train", first="sft", role="solver")
 
 
 def _backend(ctx: RoundContext, model: str | None, name: str):
@@ -113,7 +99,7 @@ def _backend(ctx: RoundContext, model: str | None, name: str):
         raise UserError("absolute-zero: no model to sample from", where="solver.model",
                         fix="set solver.model.hf_path, or azr.warmup_programs > 0 to warm a random model up")
     return make_backend(spec, model_path=hf_folder(model) if model else None, tokenizer_path=ctx.tokenizer_path,
-                        seed=_seed(ctx, name))
+                        seed=ctx.seed(name))
 
 
 def _shard_of(items: list, shard: int | None, n: int) -> list:
@@ -164,25 +150,8 @@ def prepare(ctx: RoundContext, shard: int | None) -> dict:
 
 
 def warmup_sft(ctx: RoundContext, shard: int | None) -> dict:
-    return _train(ctx, "solver-sft", ctx.rd.prepare_dir / SFT_DATA.path, initial_model(ctx.rd, ctx.recipe, "solver"),
-                  ctx.path("sft"))
-
-
-def _train(ctx: RoundContext, kind: str, data: Path, init: str | None, out: Path) -> dict:
-    from megatron_sz.train.jobs import run_job
-
-    res = run_job(kind, ctx.recipe, str(data), init, str(out), tokenizer=ctx.tokenizer_path)
-    if res.exit_code != 0:
-        raise SystemExit(int(res.exit_code))  # 75: preempted after a checkpoint; the rerun resumes
-    last: dict = {}
-    if (out / "metrics.jsonl").exists():
-        for obj in iter_jsonl(out / "metrics.jsonl", allow_partial_tail=True):
-            if "loss" in obj and "step" in obj:
-                last = obj
-    keep = ("loss", "reward", "advantage", "entropy", "approx_kl", "clipfrac_low", "clipfrac_high", "step")
-    summary = {k: last[k] for k in keep if k in last}
-    summary.update({k: res.summary.get(k) for k in ("total_steps", "wall_s", "train_items")})
-    return {"model": str(out), "hf": res.hf_dir, "summary": summary}
+    return ctx.train("solver-sft", ctx.rd.prepare_dir / SFT_DATA.path, initial_model(ctx.rd, ctx.recipe, "solver"),
+                     ctx.path("sft"))
 
 
 def evaluate_warmup(ctx: RoundContext, shard: int | None) -> dict:
@@ -201,7 +170,7 @@ def propose(ctx: RoundContext, shard: int | None) -> dict:
     prompts: dict[str, tuple[str, str, list[str]]] = {}
     for tt in A.task_types:
         for j in range(A.proposals):
-            rng = random.Random(_seed(ctx, "refs", tt, j))
+            rng = random.Random(ctx.seed("refs", tt, j))
             refs = T.sample_references(programs, 1, rng) if tt == "induction" else \
                 T.sample_references(buffers[tt], A.references, rng)
             prompts[f"{tt}:{j}"] = (tt, T.propose_prompt(tt, refs), refs)
@@ -260,7 +229,7 @@ def solve_tasks(ctx: RoundContext) -> list[tuple[AzrTask, bool]]:
     out = [(task, True) for task in _valid_tasks(ctx)]
     buffers = _buffers(ctx)
     for tt in A.task_types:
-        rng = random.Random(_seed(ctx, "solver-batch", tt))
+        rng = random.Random(ctx.seed("solver-batch", tt))
         out += [(task, False) for task in T.sample_references(buffers[tt], A.solver_batch, rng)]
     return out
 
@@ -380,7 +349,7 @@ def train(ctx: RoundContext, shard: int | None) -> dict:
     data = ctx.path("rollouts.jsonl")
     if not any(True for _ in iter_jsonl(data)):
         return {"model": None, "skipped": "no rollouts"}
-    return _train(ctx, "policy-gradient", data, model_after(ctx, ctx.t - 1), ctx.path("train"))
+    return ctx.train("policy-gradient", data, model_after(ctx, ctx.t - 1), ctx.path("train"))
 
 
 # --------------------------------------------------------------------------- buffers, eval, report

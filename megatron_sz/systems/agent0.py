@@ -91,27 +91,14 @@ _TRAIN_STAGE = {"solver": "train_executor", "generator": "train_curriculum"}
 
 def model_after(ctx: RoundContext, role: str, t: int) -> str | None:
     """Checkpoint folder of an agent after round t (t = -1: the warmed-up base model)."""
-    for r in range(t, -1, -1):
-        m = ctx.rd.read_marker(r, _TRAIN_STAGE[role])
-        if m and m.get("model"):
-            return m["model"]
-    m = ctx.rd.read_marker(0, "warmup")
-    if m and m.get("model"):
-        return m["model"]
-    return initial_model(ctx.rd, ctx.recipe, role)
-
-
-def _seed(ctx: RoundContext, *parts) -> int:
-    from megatron_sz.inference.base import stable_seed
-
-    return stable_seed(ctx.recipe.seed, ctx.t, *parts)
+    return ctx.latest_model(t, _TRAIN_STAGE[role], first="warmup", role=role)
 
 
 def _backend(ctx: RoundContext, role: str, model: str, name: str):
     from megatron_sz.inference import make_backend
 
     spec = getattr(ctx.recipe, role).rollout.backend
-    return make_backend(spec, model_path=hf_folder(model), tokenizer_path=ctx.tokenizer_path, seed=_seed(ctx, name))
+    return make_backend(spec, model_path=hf_folder(model), tokenizer_path=ctx.tokenizer_path, seed=ctx.seed(name))
 
 
 def tools_of(recipe):
@@ -138,37 +125,10 @@ def curriculum_prompt(recipe, topic: str) -> str:
     return render(recipe.agent0.curriculum_template, topic=topic)
 
 
-def _heldout(ctx: RoundContext):
-    from megatron_sz import heldout
-
-    if "heldout" not in ctx.cache:
-        ctx.cache["heldout"] = heldout.for_run(ctx.rd, ctx.recipe)
-    return ctx.cache["heldout"]
-
-
 def _tokenizer(ctx: RoundContext, model: str | None):
     from megatron_sz.tokenizer import load_tokenizer
 
     return load_tokenizer(ctx.tokenizer_path or hf_folder(model))
-
-
-def _train(ctx: RoundContext, recipe, data: Path, init: str | None, out: Path) -> dict:
-    """One policy-gradient job in this process (the executors start it fresh)."""
-    from megatron_sz.train.jobs import run_job
-
-    res = run_job("policy-gradient", recipe, str(data), init, str(out), tokenizer=ctx.tokenizer_path)
-    if res.exit_code != 0:
-        raise SystemExit(int(res.exit_code))  # 75: preempted after a checkpoint; the rerun resumes
-    last: dict = {}
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        for obj in iter_jsonl(metrics, allow_partial_tail=True):
-            if "loss" in obj and "step" in obj:
-                last = obj
-    keep = ("loss", "reward", "advantage", "entropy", "approx_kl", "clipfrac_high", "masked_share", "step")
-    summary = {k: last[k] for k in keep if k in last}
-    summary.update({k: res.summary.get(k) for k in ("total_steps", "wall_s", "train_items")})
-    return {"model": str(out), "hf": res.hf_dir, "summary": summary}
 
 
 def curriculum_recipe(recipe):
@@ -376,7 +336,7 @@ def score(ctx: RoundContext, shard: int | None) -> dict:
     sizes: dict[int, int] = {}
     for c in clusters:
         sizes[c] = sizes.get(c, 0) + 1
-    guard = _heldout(ctx)
+    guard = ctx.heldout()
     signals: list[TaskSignal] = []
     held = 0
     for p in props:
@@ -440,15 +400,15 @@ def train_curriculum(ctx: RoundContext, shard: int | None) -> dict:
     data = ctx.path("curriculum_rollouts.jsonl")
     if not _nonempty(data):
         return {"model": None, "skipped": "no proposals to train on"}
-    return _train(ctx, curriculum_recipe(ctx.recipe), data, model_after(ctx, "generator", ctx.t - 1),
-                  ctx.path("train_curriculum"))
+    return ctx.train("policy-gradient", data, model_after(ctx, "generator", ctx.t - 1),
+                     ctx.path("train_curriculum"), recipe=curriculum_recipe(ctx.recipe))
 
 
 def train_executor(ctx: RoundContext, shard: int | None) -> dict:
     data = ctx.path("executor_rollouts.jsonl")
     if not _nonempty(data):
         return {"model": None, "skipped": "no task with self-consistency in the kept band"}
-    return _train(ctx, ctx.recipe, data, model_after(ctx, "solver", ctx.t - 1), ctx.path("train_executor"))
+    return ctx.train("policy-gradient", data, model_after(ctx, "solver", ctx.t - 1), ctx.path("train_executor"))
 
 
 def evaluate(ctx: RoundContext, shard: int | None) -> dict:

@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from megatron_sz.data import (CandidateProblem, Checkpoint, Concepts, JsonlAppender, JudgeScore, Problem, Rationale,
-                              SynthesizedProblem, Verdict, WeightedExample, iter_jsonl, read_jsonl, record_to_dict,
-                              write_jsonl)
+                              SynthesizedProblem, Verdict, WeightedExample, iter_jsonl, read_jsonl, write_jsonl)
 from megatron_sz.errors import UserError
 from megatron_sz.round import Io, RoundContext, Stage, hf_folder, initial_model
 
@@ -102,20 +101,7 @@ def promptcot_round(t: int, run, recipe) -> None:
 
 def model_after(ctx: RoundContext, t: int) -> str | None:
     """The generator's checkpoint after round t's rejection sampling (t = -1: after the SFT)."""
-    for r in range(t, -1, -1):
-        m = ctx.rd.read_marker(r, "rs")
-        if m and m.get("model"):
-            return m["model"]
-    m = ctx.rd.read_marker(0, "sft")
-    if m and m.get("model"):
-        return m["model"]
-    return initial_model(ctx.rd, ctx.recipe, "generator")
-
-
-def _seed(ctx: RoundContext, *parts) -> int:
-    from megatron_sz.inference.base import stable_seed
-
-    return stable_seed(ctx.recipe.seed, ctx.t, *parts)
+    return ctx.latest_model(t, "rs", first="sft", role="generator")
 
 
 def _shard_of(items: list, shard: int | None, n: int) -> list:
@@ -135,32 +121,6 @@ def _mine(ctx: RoundContext, path: str, shard: int | None) -> list:
 
 def _symbolic(recipe) -> bool:
     return recipe.teacher.kind == "symbolic"
-
-
-def _heldout(ctx: RoundContext):
-    from megatron_sz import heldout
-
-    if "heldout" not in ctx.cache:
-        ctx.cache["heldout"] = heldout.for_run(ctx.rd, ctx.recipe)
-    return ctx.cache["heldout"]
-
-
-def _train(ctx: RoundContext, kind: str, data: Path, init: str | None, out: Path, recipe=None) -> dict:
-    """One training job in this process (the executors start it fresh); returns marker info."""
-    from megatron_sz.train.jobs import run_job
-
-    res = run_job(kind, recipe or ctx.recipe, str(data), init, str(out), tokenizer=ctx.tokenizer_path)
-    if res.exit_code != 0:
-        raise SystemExit(int(res.exit_code))  # 75: preempted after a checkpoint; the rerun resumes
-    last: dict = {}
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        for obj in iter_jsonl(metrics, allow_partial_tail=True):
-            if "loss" in obj and "step" in obj:
-                last = obj
-    summary = {k: last[k] for k in ("loss", "weight", "step") if k in last}
-    summary.update({k: res.summary.get(k) for k in ("total_steps", "wall_s", "eval_start", "eval_end", "train_items")})
-    return {"model": str(out), "hf": res.hf_dir, "summary": summary}
 
 
 def generator_prompt(recipe, concepts: list[str], difficulty: int | None) -> str:
@@ -189,7 +149,7 @@ def parse_generation(text: str) -> tuple[str | None, str | None]:
 def _teacher_backend(ctx: RoundContext, spec=None, *, name: str = "teacher"):
     from megatron_sz.inference import make_backend
 
-    return make_backend(spec or ctx.recipe.teacher.backend, seed=_seed(ctx, name))
+    return make_backend(spec or ctx.recipe.teacher.backend, seed=ctx.seed(name))
 
 
 def ask_teacher(backend, prompts: dict[str, str], sampling, parse: Callable[[str | None], tuple],
@@ -370,7 +330,7 @@ def build_sft_data(ctx: RoundContext, shard: int | None) -> dict:
 
     r = ctx.recipe
     rats = sorted((x for x in ctx.read("rationale") if x.status in ("ok", "repaired")), key=lambda x: x.problem_id)
-    rats, dropped = _heldout(ctx).filter(rats, lambda x: (x.problem,))
+    rats, dropped = ctx.heldout().filter(rats, lambda x: (x.problem,))
     examples = [WeightedExample(prompt=generator_prompt(r, x.concepts, x.difficulty),
                                 target=generator_target(x.rationale, x.problem), weight=1.0,
                                 weight_source={"kind": "sft"}, problem_id=x.problem_id) for x in rats]
@@ -416,8 +376,8 @@ def _sft_recipe(recipe):
 
 def generator_sft(ctx: RoundContext, shard: int | None) -> dict:
     data = ctx.rd.prepare_dir / "sft.jsonl"
-    return _train(ctx, "generator-wsft", data, initial_model(ctx.rd, ctx.recipe, "generator"), ctx.path("sft"),
-                  recipe=_sft_recipe(ctx.recipe))
+    return ctx.train("generator-wsft", data, initial_model(ctx.rd, ctx.recipe, "generator"), ctx.path("sft"),
+                     recipe=_sft_recipe(ctx.recipe))
 
 
 # --------------------------------------------------------------------------- every round
@@ -460,7 +420,7 @@ def sample_candidates(ctx: RoundContext, shard: int | None) -> dict:
         if todo:
             model = model_after(ctx, ctx.t - 1)
             backend = make_backend(G.rollout.backend, model_path=hf_folder(model) if model else None,
-                                   tokenizer_path=ctx.tokenizer_path, seed=_seed(ctx, "sample"))
+                                   tokenizer_path=ctx.tokenizer_path, seed=ctx.seed("sample"))
             by_id = {q.id: q for q in todo}
 
             def on_result(res) -> None:
@@ -543,10 +503,10 @@ def select_kept(ctx: RoundContext, shard: int | None) -> dict:
     names = [j.name for j in ctx.recipe.promptcot.judges]
     examples, kept, stats = weigh_candidates(ctx.read("sample"), ctx.read("judge"), names, round=ctx.t)
     # The held-out rule: no candidate whose problem is held out (or a benchmark's) is trained on.
-    examples, dropped = _heldout(ctx).filter(examples, lambda e: (e.extra.get("problem") or "", e.target))
+    examples, dropped = ctx.heldout().filter(examples, lambda e: (e.extra.get("problem") or "", e.target))
     for e in examples:
         e.extra.pop("problem", None)
-    kept, kept_dropped = _heldout(ctx).filter(kept, lambda p: (p.problem,))
+    kept, kept_dropped = ctx.heldout().filter(kept, lambda p: (p.problem,))
     write_jsonl(ctx.output("rs.jsonl"), examples)
     write_jsonl(ctx.output("kept.jsonl"), kept)
     stats.update(weight1=sum(e.weight > 0 for e in examples), weight0=sum(e.weight == 0 for e in examples),
@@ -610,7 +570,7 @@ def generator_rs(ctx: RoundContext, shard: int | None) -> dict:
     recs = read_jsonl(data, WeightedExample)
     if not any(e.weight > 0 for e in recs):
         return {"model": None, "skipped": "no candidate was kept by every judge", "examples": len(recs)}
-    info = _train(ctx, "generator-wsft", data, model_after(ctx, ctx.t - 1), ctx.path("rs"))
+    info = ctx.train("generator-wsft", data, model_after(ctx, ctx.t - 1), ctx.path("rs"))
     info.update(examples=len(recs), weight1=sum(e.weight > 0 for e in recs))
     return info
 
@@ -710,12 +670,12 @@ def teacher_solutions(ctx: RoundContext, shard: int | None) -> dict:
 
 def solver_sft(ctx: RoundContext, shard: int | None) -> dict:
     """A solver trained by SFT on the synthesized set (teacher solutions), held-out rule applied."""
-    probs, dropped = _heldout(ctx).filter(ctx.read("solutions.jsonl"), lambda p: (p.problem,))
+    probs, dropped = ctx.heldout().filter(ctx.read("solutions.jsonl"), lambda p: (p.problem,))
     data = ctx.output("solver_sft.jsonl")
     write_jsonl(data, probs)
     if not probs:
         return {"model": None, "skipped": "no solved synthesized problems", "heldout_filtered": dropped}
-    info = _train(ctx, "solver-sft", data, initial_model(ctx.rd, ctx.recipe, "solver"), ctx.path("solver_sft"))
+    info = ctx.train("solver-sft", data, initial_model(ctx.rd, ctx.recipe, "solver"), ctx.path("solver_sft"))
     info.update(heldout_filtered=dropped, examples=len(probs))
     return info
 

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 
-from megatron_sz.data import Problem, atomic_write_json, atomic_write_text, read_jsonl
+from megatron_sz.data import Problem, atomic_write_json, atomic_write_text
 
 
 def round_metrics(rd, t: int) -> dict:
