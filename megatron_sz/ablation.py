@@ -531,7 +531,8 @@ def plot(res: dict, path: Path) -> None:
         if curves:
             mean = [100 * sum(c[i] for c in curves) / len(curves) for i in range(len(curves[0]))]
             a2.plot(range(len(mean)), mean, marker="o", label=r["variant"])
-    a2.set_xlabel("0 = after warm-up, t = after round t-1")
+    a2.set_xticks(range(res["rounds"] + 1), ["warm-up"] + [f"r{t}" for t in range(res["rounds"])])
+    a2.set_xlabel("after the warm-up, then after each round")
     a2.set_ylabel(f"mean@{res['k']} (%), mean over seeds")
     a2.legend(fontsize=8)
     fig.tight_layout()
