@@ -293,7 +293,8 @@ class RoundContext:
             self.cache["heldout"] = heldout.for_run(self.rd, self.recipe)
         return self.cache["heldout"]
 
-    def train(self, kind: str, data: Path, init: str | None, out: Path, *, recipe=None) -> dict:
+    def train(self, kind: str, data: Path, init: str | None, out: Path, *, recipe=None,
+              max_steps: int | None = None) -> dict:
         """Run training job ``kind`` (``train.jobs.JOBS``) in this process (the executors start
         training stages fresh) and return the completion marker's info: the output folder,
         its HF export and a summary (the last step's numbers and the job's totals). A
@@ -301,7 +302,8 @@ class RoundContext:
         from megatron_sz.data import iter_jsonl
         from megatron_sz.train.jobs import run_job
 
-        res = run_job(kind, recipe or self.recipe, str(data), init, str(out), tokenizer=self.tokenizer_path)
+        res = run_job(kind, recipe or self.recipe, str(data), init, str(out), tokenizer=self.tokenizer_path,
+                      max_steps=max_steps)
         if res.exit_code != 0:
             raise SystemExit(int(res.exit_code))
         last: dict = {}

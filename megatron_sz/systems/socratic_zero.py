@@ -14,7 +14,6 @@ each stage records how many it dropped (``heldout_filtered``).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from megatron_sz.data import (Checkpoint, JsonlAppender, PreferencePair, Problem, Refinement, SelfVerification,
                               Trajectory, Verdict, WeightedExample, iter_jsonl, read_jsonl, record_to_dict,
@@ -113,28 +112,15 @@ def static_round(t: int, run, recipe, solver_in: Io) -> None:
 
 def model_after(ctx: RoundContext, role: str, t: int) -> str | None:
     """Training output (checkpoint folder) of ``role`` after round t; t = -1: its start."""
-    stage = "dpo" if role == "solver" else "wsft"
-    for r in range(t, -1, -1):
-        m = ctx.rd.read_marker(r, stage)
-        if m and m.get("model"):
-            return m["model"]
     if role == "solver":
-        m = ctx.rd.read_marker(0, "sft")
-        if m and m.get("model"):
-            return m["model"]
-    return initial_model(ctx.rd, ctx.recipe, role)
+        return ctx.latest_model(t, "dpo", first="sft", role="solver")
+    return ctx.latest_model(t, "wsft", first=None, role=role)
 
 
 def _solver_backend(ctx: RoundContext, model_path: str, spec, *, seed: int):
     from megatron_sz.inference import make_backend
 
     return make_backend(spec, model_path=model_path, tokenizer_path=ctx.tokenizer_path, seed=seed)
-
-
-def _seed(ctx: RoundContext, *parts) -> int:
-    from megatron_sz.inference.base import stable_seed
-
-    return stable_seed(ctx.recipe.seed, ctx.t, *parts)
 
 
 def _shard_of(items: list, shard: int | None, n: int) -> list:
@@ -152,35 +138,6 @@ def _outcomes(trajs: list[Trajectory]) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def _heldout(ctx: RoundContext):
-    from megatron_sz import heldout
-
-    if "heldout" not in ctx.cache:
-        ctx.cache["heldout"] = heldout.for_run(ctx.rd, ctx.recipe)
-    return ctx.cache["heldout"]
-
-
-def _train(ctx: RoundContext, kind: str, data: Path, init: str | None, out: Path, *, recipe=None,
-           max_steps: int | None = None) -> dict:
-    """Run one training job in this process (the executors start it fresh); returns marker info."""
-    from megatron_sz.train.jobs import run_job
-
-    res = run_job(kind, recipe or ctx.recipe, str(data), init, str(out), tokenizer=ctx.tokenizer_path,
-                  max_steps=max_steps)
-    if res.exit_code != 0:
-        raise SystemExit(int(res.exit_code))  # 75: preempted after a checkpoint; the rerun resumes
-    last = {}
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        for obj in iter_jsonl(metrics, allow_partial_tail=True):
-            if "loss" in obj and "step" in obj:
-                last = obj
-    keep = ("loss", "margin", "accuracy", "chosen_reward", "rejected_reward", "step")
-    summary = {k: last[k] for k in keep if k in last}
-    summary.update({k: res.summary.get(k) for k in ("total_steps", "wall_s", "eval_start", "eval_end", "train_items")})
-    return {"model": str(out), "hf": res.hf_dir, "summary": summary}
-
-
 # --------------------------------------------------------------------------- stages
 
 
@@ -195,7 +152,7 @@ def solver_sft(ctx: RoundContext, shard: int | None) -> dict:
     data = ctx.rd.prepare_dir / "sft.jsonl"
     init = initial_model(ctx.rd, ctx.recipe, "solver")
     if ctx.recipe.warmup.enabled:
-        return _train(ctx, "solver-sft", data, init, ctx.path("sft"))
+        return ctx.train("solver-sft", data, init, ctx.path("sft"))
     # No warm-up: the initial weights, exported through the trainer by one step at lr 0
     # (AdamW with lr 0 changes nothing; the accounting counts only steps with lr > 0).
     import copy
@@ -203,7 +160,7 @@ def solver_sft(ctx: RoundContext, shard: int | None) -> dict:
     r = copy.deepcopy(ctx.recipe)
     r.solver.sft.optim.lr = r.solver.sft.optim.min_lr = 0.0
     r.solver.sft.optim.warmup_steps = 0
-    info = _train(ctx, "solver-sft", data, init, ctx.path("sft"), recipe=r, max_steps=1)
+    info = ctx.train("solver-sft", data, init, ctx.path("sft"), recipe=r, max_steps=1)
     return {**info, "warmup": "disabled (initial weights, one step at lr 0)"}
 
 
@@ -217,7 +174,7 @@ def solver_rollouts(ctx: RoundContext, shard: int | None) -> dict:
 
     ro = ctx.recipe.solver.rollout
     backend = _solver_backend(ctx, hf_folder(model_after(ctx, "solver", ctx.t - 1)), ro.backend,
-                              seed=_seed(ctx, "rollout"))
+                              seed=ctx.seed("rollout"))
     try:
         trajs = rollout(ctx.read("active.jsonl"), backend, k=ro.k, sampling=ro.sampling,
                         template=ro.prompt_template, out_path=ctx.output("rollout", shard),
@@ -235,7 +192,7 @@ def teacher_verify(ctx: RoundContext, shard: int | None) -> dict:
     by_id = {p.id: p for p in problems}
     trajs = [tr for tr in ctx.read("rollout", shard) if tr.problem_id in by_id]  # aftercorr: shard i only
     trajs.sort(key=lambda tr: (tr.problem_id, tr.sample_index))
-    teacher = make_teacher(ctx.recipe.teacher, seed=_seed(ctx, "verify"))
+    teacher = make_teacher(ctx.recipe.teacher, seed=ctx.seed("verify"))
     key = lambda o: f"{o['problem_id']}#{o['sample_index']}"  # noqa: E731
     out_path = ctx.output("verify", shard)
     with JsonlAppender(out_path, key=key) as out:
@@ -255,7 +212,7 @@ def build_preference_pairs(ctx: RoundContext, shard: int | None) -> dict:
     from megatron_sz.rollout import solver_prompt
 
     template = ctx.recipe.solver.rollout.prompt_template
-    problems, dropped = _heldout(ctx).filter(ctx.read("active.jsonl"), lambda p: (p.problem,))
+    problems, dropped = ctx.heldout().filter(ctx.read("active.jsonl"), lambda p: (p.problem,))
     pairs, stats = build_pairs({p.id: p for p in problems}, ctx.read("verify"),
                                prompt_fn=lambda p: solver_prompt(p, template))
     write_jsonl(ctx.output("pairs.jsonl"), pairs)
@@ -277,9 +234,9 @@ def solver_dpo(ctx: RoundContext, shard: int | None) -> dict:
                                                problem_id=o.get("problem_id")))
         sft_data = ctx.path("dpo_sft.jsonl")
         write_jsonl(sft_data, winners)
-        info = _train(ctx, "solver-sft", sft_data, init, ctx.path("dpo"), recipe=round_sft_recipe(ctx.recipe))
+        info = ctx.train("solver-sft", sft_data, init, ctx.path("dpo"), recipe=round_sft_recipe(ctx.recipe))
         return {**info, "objective": "sft", "winners": len(winners)}
-    return _train(ctx, "solver-dpo", data, init, ctx.path("dpo"))
+    return ctx.train("solver-dpo", data, init, ctx.path("dpo"))
 
 
 def round_sft_recipe(recipe):
@@ -308,7 +265,7 @@ def static_problems(ctx: RoundContext, shard: int | None) -> dict:
 
     rec = ctx.recipe.teacher
     seeds = ctx.read("seeds.jsonl")
-    teacher = make_teacher(rec, seed=_seed(ctx, "static"))
+    teacher = make_teacher(rec, seed=ctx.seed("static"))
     out, texts, counts = [], {p.problem.strip() for p in seeds}, {"ok": 0, "duplicate": 0, "unverified": 0,
                                                                   "failed": 0}
     for r in range(max(1, ctx.recipe.rounds)):
@@ -331,7 +288,7 @@ def static_problems(ctx: RoundContext, shard: int | None) -> dict:
                 out.append(q)
                 counts["ok"] += 1
     teacher.close()
-    problems, dropped = _heldout(ctx).filter(list(seeds) + out, lambda q: (q.problem,))
+    problems, dropped = ctx.heldout().filter(list(seeds) + out, lambda q: (q.problem,))
     write_jsonl(ctx.output("static.jsonl"), problems)
     return {**counts, "problems": len(problems), "seeds": len(seeds), "heldout_filtered": dropped}
 
@@ -347,7 +304,7 @@ def static_sft(ctx: RoundContext, shard: int | None) -> dict:
     data = ctx.path("static_sft.jsonl")
     write_jsonl(data, examples)
     init = model_after(ctx, "solver", ctx.t - 1)
-    info = _train(ctx, "solver-sft", data, init, ctx.path("dpo"), recipe=round_sft_recipe(ctx.recipe))
+    info = ctx.train("solver-sft", data, init, ctx.path("dpo"), recipe=round_sft_recipe(ctx.recipe))
     return {**info, "objective": "sft", "examples": len(examples)}
 
 
@@ -363,7 +320,7 @@ def teacher_refine(ctx: RoundContext, shard: int | None) -> dict:
     for tr in ctx.read("verify"):
         if tr.problem_id in pids:
             by_pid.setdefault(tr.problem_id, []).append(tr)
-    teacher = make_teacher(rec, seed=_seed(ctx, "refine"))
+    teacher = make_teacher(rec, seed=ctx.seed("refine"))
     counts: dict[str, int] = {}
 
     def count(name: str) -> None:
@@ -424,7 +381,7 @@ def probe_new_problems(ctx: RoundContext, shard: int | None) -> dict:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.touch()
         return {"trajectories": 0}
-    backend = _solver_backend(ctx, hf_folder(model_after(ctx, "solver", ctx.t)), ro.backend, seed=_seed(ctx, "probe"))
+    backend = _solver_backend(ctx, hf_folder(model_after(ctx, "solver", ctx.t)), ro.backend, seed=ctx.seed("probe"))
     try:
         trajs = rollout(problems, backend, k=ro.k, sampling=ro.sampling, template=ro.prompt_template,
                         out_path=out_path, shard=(shard, ro.shards), verify=True)
@@ -440,7 +397,7 @@ def generator_wsft(ctx: RoundContext, shard: int | None) -> dict:
     init = model_after(ctx, "generator", ctx.t - 1)
     if not examples:
         return {"model": None, "skipped": "no validated refinements", **stats}
-    info = _train(ctx, "generator-wsft", data, init, ctx.path("wsft"))
+    info = ctx.train("generator-wsft", data, init, ctx.path("wsft"))
     info.update(stats)
     return info
 
@@ -453,7 +410,7 @@ def wsft_examples(ctx: RoundContext) -> tuple[list[WeightedExample], dict]:
     parents = {p.id: p for p in ctx.read("active.jsonl")}
     rates = _outcomes(ctx.read("probe"))
     # The held-out rule: neither the new problem (the target) nor its parent may be held out.
-    recs, dropped = _heldout(ctx).filter(
+    recs, dropped = ctx.heldout().filter(
         _validated(ctx), lambda r: (r.problem.problem, parents[r.parent_id].problem if r.parent_id in parents else ""))
     examples, stats = build_wsft_examples(recs, parents, rates, mu=g.mu, sigma=g.sigma, weighting=g.weighting)
     stats["heldout_filtered"] = dropped
@@ -469,7 +426,7 @@ def update_curriculum(ctx: RoundContext, shard: int | None) -> dict:
     retire = {r.parent_id: r.reason for r in refs if isinstance(r, SelfVerification) and not r.keep}
     new_pool, rep = C.update_curriculum(ctx.read("pool.jsonl"), ctx.t, spec, outcomes=_outcomes(ctx.read("verify")),
                                         refinements=[r for r in refs if isinstance(r, Refinement)], retire=retire,
-                                        contamination=_heldout(ctx) or None)
+                                        contamination=ctx.heldout() or None)
     active = C.select_active(new_pool, ctx.t + 1, spec, seed=ctx.recipe.seed)
     write_jsonl(ctx.output("active.jsonl"), active)
     write_jsonl(ctx.output("pool.jsonl"), new_pool)
@@ -487,7 +444,7 @@ def _evaluate(ctx: RoundContext, model: str, name: str) -> dict:
 
     ev = ctx.recipe.eval
     held = ctx.read("heldout.jsonl")
-    backend = _solver_backend(ctx, hf_folder(model), ctx.recipe.solver.rollout.backend, seed=_seed(ctx, name))
+    backend = _solver_backend(ctx, hf_folder(model), ctx.recipe.solver.rollout.backend, seed=ctx.seed(name))
     try:
         trajs = rollout(held, backend, k=ev.k, sampling=ev.sampling, template=ctx.recipe.solver.rollout.prompt_template,
                         out_path=ctx.output(f"{name}.jsonl"), shard=(0, 1), verify=True)
