@@ -273,16 +273,27 @@ def run_all(ab: Ablation, *, executor: str = "local", log=print) -> list[Run]:
 # --------------------------------------------------------------------------- records
 
 
+def _records(path: Path) -> list[dict]:
+    """An eval file's records, one per (problem, sample): a partial line left by a kill (the
+    keyed append resumed after it) is skipped, a sample written twice counts once."""
+    out: dict = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            o = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(o, dict) and "problem_id" in o:
+            out[(o["problem_id"], int(o.get("sample_index") or 0))] = o
+    return list(out.values())
+
+
 def final_samples(run: Run, rounds: int) -> list[dict]:
     """The final round's held-out samples of a run, one record per sample."""
     path = run.run_dir / "rounds" / f"r{rounds - 1:03d}" / "eval.jsonl"
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        o = json.loads(line)
+    for o in _records(path):
         out.append({"variant": run.variant, "seed": run.seed, "round": rounds - 1, "problem_id": o["problem_id"],
                     "sample_index": int(o.get("sample_index") or 0), "correct": o.get("correct") is True})
     return out
@@ -293,7 +304,7 @@ def round_accuracies(run: Run, rounds: int) -> list[float | None]:
     def acc(path: Path):
         if not path.exists():
             return None
-        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        rows = _records(path)
         return sum(r.get("correct") is True for r in rows) / len(rows) if rows else None
 
     base = run.run_dir / "rounds"
