@@ -15,6 +15,11 @@ Every op takes ``backend="auto"|"triton"|"torch"`` ($MEGATRON_SZ_KERNEL_BACKEND 
 one), ``tp_group`` (explicit; ``None`` = no tensor parallelism) and ``vocab_size`` (the
 true vocabulary; rows beyond it are Megatron padding). float64 references live in
 ``megatron_sz.kernels.reference``.
+
+Gradients: dW goes to a buffer in the weight's dtype (``dw_accumulation="float32"`` for
+an fp32 accumulator), or with ``main_grad=True`` straight into ``weight.main_grad``
+(Megatron DDP's fp32 buffer; the ops that compute grads in forward take the upstream
+``grad_scale`` and count a mismatch in :func:`main_grad_mismatches`).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ _EXPORTS = {
     "dpo_loss": "dpo", "fused_linear_dpo_loss": "dpo", "DPOOptions": "dpo",
     "fused_linear_wsft_loss": "wsft",
     "fused_linear_pg_loss": "pg", "PGOptions": "pg",
+    "main_grad_mismatches": "logprobs",
     "resolve_backend": "_common", "BACKEND_ENV": "_common", "CHUNK_ENV": "_common",
 }
 __all__ = list(_EXPORTS)

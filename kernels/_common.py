@@ -70,6 +70,16 @@ class OpConfig:
     inv_temp: float
     tp_group: Any
     chunk_rows: int         # token rows per chunk
+    # Where dW goes (``GradSink`` in logprobs.py): "param" = a buffer in the weight's dtype
+    # (bf16 for bf16 weights, like Liger: no fp32 [V, H] buffer), "float32" = an fp32
+    # accumulator cast at the end (tighter bf16 numerics; for bf16 weights 4 extra bytes
+    # per weight element), "main_grad" = straight into ``weight.main_grad`` (Megatron's
+    # fp32 DDP grad buffer: gradient-accumulation fusion, the weight gets no ``.grad``).
+    dw_mode: str = "param"
+    # For the ops that compute their grads in forward (DPO, WSFT, PG) with dw_mode
+    # "main_grad": the upstream gradient backward will bring (Megatron's schedule:
+    # 1 / num_microbatches); dW is added to main_grad already scaled by it.
+    grad_scale: float = 1.0
 
 
 def check_lm_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -100,9 +110,31 @@ def check_lm_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError("weight has no vocabulary rows")
 
 
+DW_ACCUMULATIONS = ("param", "float32")
+
+
+def _dw_mode(weight: torch.Tensor, main_grad: bool, dw_accumulation: str) -> str:
+    if dw_accumulation not in DW_ACCUMULATIONS:
+        raise ValueError(f"dw_accumulation must be one of {', '.join(DW_ACCUMULATIONS)}, "
+                         f"got {dw_accumulation!r}")
+    if not main_grad:
+        return dw_accumulation
+    mg = getattr(weight, "main_grad", None)
+    if not isinstance(mg, torch.Tensor):
+        raise ValueError("main_grad=True needs weight.main_grad (the fp32 gradient buffer "
+                         "Megatron's DistributedDataParallel gives every parameter); this weight "
+                         "has none: wrap the model in Megatron DDP, or pass main_grad=False")
+    if tuple(mg.shape) != tuple(weight.shape) or mg.dtype != torch.float32 or \
+            mg.device != weight.device:
+        raise ValueError(f"weight.main_grad must be float32 {tuple(weight.shape)} on "
+                         f"{weight.device}, got {mg.dtype} {tuple(mg.shape)} on {mg.device}")
+    return "main_grad"
+
+
 def make_config(*, hidden: torch.Tensor, weight: torch.Tensor, backend: str, ignore_index: int,
                 temperature: float, tp_group, vocab_size: int | None,
-                chunk_size: int | None) -> OpConfig:
+                chunk_size: int | None, main_grad: bool = False, grad_scale: float = 1.0,
+                dw_accumulation: str = "param") -> OpConfig:
     from . import _tp
 
     if not isinstance(temperature, (int, float)) or not temperature > 0:
@@ -120,20 +152,28 @@ def make_config(*, hidden: torch.Tensor, weight: torch.Tensor, backend: str, ign
                          f"{world} x {v_local} rows incl. padding), got {vocab_size!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (token rows), got {chunk_size!r}")
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real) or \
+            not float(grad_scale) > 0:
+        raise ValueError(f"grad_scale must be a positive number, got {grad_scale!r}")
     return OpConfig(backend=resolve_backend(backend, hidden.device), vocab_start=rank * v_local,
                     vocab_local=v_local, vocab_size=vocab_size, ignore_index=ignore_index,
                     inv_temp=1.0 / float(temperature), tp_group=tp_group,
-                    chunk_rows=chunk_size or default_chunk_rows(v_local, hidden.device))
+                    chunk_rows=chunk_size or default_chunk_rows(v_local, hidden.device),
+                    dw_mode=_dw_mode(weight, bool(main_grad), dw_accumulation),
+                    grad_scale=float(grad_scale))
 
 
 def default_chunk_rows(v_local: int, device: torch.device) -> int:
     """Token rows per chunk so that the fp32 logits chunk stays near a byte budget.
 
-    Budget: $MEGATRON_SZ_KERNEL_CHUNK_MB, default 1024 MiB on GPUs (N=8192, V=151936 then
-    runs in 5 chunks, which keeps the fp32 dW read-modify-write traffic ~5 x 2.5 GB) and
-    64 MiB on CPU. Rounded to a multiple of 128 rows on GPUs for tensor-core friendly GEMMs.
+    Budget: $MEGATRON_SZ_KERNEL_CHUNK_MB, default 640 MiB on GPUs and 64 MiB on CPU. On a
+    GPU the fp32 logits chunk is the only [rows, V] buffer (dlogits are written in place
+    over it in bf16), so the budget is the op's extra memory beyond its gradients: at
+    V=151936 it gives 1024-row chunks, 594 MiB, under the 810 MiB target of issue 18, and
+    N=8192 runs in 8 chunks (8 read-modify-writes of the bf16 dW, ~2.4 GB each).
+    Rounded to a multiple of 128 rows on GPUs for tensor-core friendly GEMMs.
     """
-    default_mb = 1024 if device.type == "cuda" else 64
+    default_mb = 640 if device.type == "cuda" else 64
     try:
         mb = float(os.environ.get(CHUNK_ENV, default_mb))
     except ValueError:
@@ -191,25 +231,26 @@ def _cuda_addmm_inplace_supported(device: torch.device) -> bool:
         try:
             a = torch.ones(32, 16, dtype=torch.bfloat16, device=device)
             acc = torch.full((32, 32), 0.5, dtype=torch.float32, device=device)
-            torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
-            ok = bool((acc == 16.5).all())
+            torch.addmm(acc, a, a.t(), alpha=0.5, out_dtype=torch.float32, out=acc)
+            ok = bool((acc == 8.5).all())
         except (TypeError, RuntimeError):
             ok = False
         _ADDMM_INPLACE_OK[key] = ok
     return _ADDMM_INPLACE_OK[key]
 
 
-def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc float32 (the dW accumulator).
+def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc += alpha * (a @ b): the dW accumulation, fp32 accumulation inside the GEMM.
 
-    On CUDA with bf16/fp16 operands the accumulation happens inside the GEMM epilogue
-    (C = fp32 accumulator, beta = 1): no [V, H] temporary and one read+write of acc per
-    chunk. Older torch falls back to a temporary fp32 product.
+    ``acc`` is float32 (an fp32 accumulator or Megatron's ``main_grad``) or the operands'
+    own bf16/fp16 dtype (the weight-dtype grad buffer). On CUDA the accumulation happens
+    in the GEMM epilogue (C = acc, beta = 1): no [V, H] temporary and one read+write of
+    acc per chunk. Elsewhere (CPU tests, old torch) a temporary fp32 product is added.
     """
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif a.is_cuda and a.dtype == b.dtype and a.dtype in _LOW and \
+    if acc.dtype == a.dtype == b.dtype and (a.dtype == torch.float32 or a.is_cuda):
+        acc.addmm_(a, b, alpha=alpha)          # fp32, or bf16/fp16 C on CUDA (fp32 accumulate)
+    elif acc.dtype == torch.float32 and a.is_cuda and a.dtype == b.dtype and a.dtype in _LOW and \
             _cuda_addmm_inplace_supported(a.device):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, alpha=alpha, out_dtype=torch.float32, out=acc)
     else:
-        acc.add_(mm_f32(a, b))
+        acc.add_(mm_f32(a, b), alpha=alpha)

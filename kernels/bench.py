@@ -8,8 +8,15 @@ Run as ``megatron-sz bench-kernels`` or ``python -m megatron_sz.kernels.bench``.
   (the minimum matmul work: logits, dX, dW), so a provider that recomputes logits
   (8·N·H·V) is not credited for the extra work.
 * Peak memory is measured above the inputs (torch.cuda.max_memory_allocated after the
-  inputs exist); it includes the gradients and every temporary. CPU runs do not measure
-  memory (torch has no CPU allocator statistics).
+  inputs exist); it includes the gradients and every temporary. ``extra_beyond_grads``
+  subtracts the gradients themselves (dX and dW in the input dtype), i.e. what the op
+  needs on top of what any implementation must return. CPU runs do not measure memory
+  (torch has no CPU allocator statistics).
+* ``ours_main_grad`` is the Megatron-training path: the weight carries an fp32
+  ``main_grad`` (allocated with the inputs, as DDP's grad buffer is) and dW goes straight
+  into it (``main_grad=True``), so the weight gets no grad at all.
+* ``mode=fwd`` rows time a no-grad forward (reference / old log-prob passes), counted
+  as 2·N·H·V FLOPs.
 * Rows are appended to a long-format CSV (op, provider, mode, shape, dtype, metric,
   unit, p20, p50, p80, device, date, commit) and a table is printed.
 * On CPU (no flags) it runs tiny shapes through the torch backend: that keeps the script
@@ -28,7 +35,7 @@ import time
 from pathlib import Path
 
 OPS = ("dpo", "wsft", "logprobs", "pg")
-PROVIDERS = ("ours", "eager", "compile", "liger")
+PROVIDERS = ("ours", "ours_main_grad", "eager", "compile", "liger")
 CSV_FIELDS = ("op", "provider", "mode", "shape", "dtype", "metric", "unit", "p20", "p50", "p80",
               "device", "date", "commit")
 DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "bench_kernels.csv"
@@ -38,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", default="dpo,wsft,logprobs,pg",
                    help=f"comma-separated ops to time, from {', '.join(OPS)}")
     p.add_argument("--providers", default=None,
-                   help="comma-separated providers from ours, eager, compile, liger "
-                        "(default: all on GPU; ours,eager on CPU). Missing Liger is skipped")
+                   help="comma-separated providers from ours, ours_main_grad, eager, compile, "
+                        "liger (default: all on GPU; ours,ours_main_grad,eager on CPU). Missing "
+                        "Liger is skipped")
     p.add_argument("--tokens", default=None,
                    help="comma-separated token counts N (default 4096,8192,16384 on GPU, "
                         "64,128 on CPU)")
@@ -157,20 +165,21 @@ def _eager_fn(torch, op):
     return {"dpo": dpo, "wsft": wsft, "logprobs": logprobs, "pg": pg}[op]
 
 
-def _ours_fn(op, backend):
+def _ours_fn(op, backend, *, main_grad: bool = False):
     from megatron_sz.kernels import (fused_linear_dpo_loss, fused_linear_pg_loss,
                                      fused_linear_wsft_loss, linear_logprobs)
 
+    mg = dict(main_grad=True) if main_grad else {}
     if op == "dpo":
         return lambda h, w, y, ref_c, ref_r: fused_linear_dpo_loss(
-            h, w, y, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, backend=backend)[0]
+            h, w, y, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, backend=backend, **mg)[0]
     if op == "wsft":
-        return lambda h, w, y, sw: fused_linear_wsft_loss(h, w, y, sw, backend=backend)
+        return lambda h, w, y, sw: fused_linear_wsft_loss(h, w, y, sw, backend=backend, **mg)
     if op == "pg":
         return lambda h, w, y, old, adv: fused_linear_pg_loss(
             h, w, y, old_logps=old, advantages=adv, clip_low=0.2, clip_high=0.2,
-            entropy_coef=0.01, backend=backend)[0]
-    return lambda h, w, y: linear_logprobs(h, w, y, backend=backend).sum()
+            entropy_coef=0.01, backend=backend, **mg)[0]
+    return lambda h, w, y: linear_logprobs(h, w, y, backend=backend, **mg).sum()
 
 
 def _liger_fn(op):
@@ -214,14 +223,18 @@ def _liger_fn(op):
         return f"liger unavailable: {type(exc).__name__}: {exc}"
 
 
-def _time_case(torch, fn, inputs, *, warmup, reps, device):
+def _time_case(torch, fn, inputs, *, warmup, reps, device, forward_only: bool = False):
     hidden, weight, labels, extra = inputs
     args = [hidden, weight, labels, *extra.values()]
 
     def step():
         hidden.grad = None
         weight.grad = None
-        fn(*args).backward()
+        if forward_only:
+            with torch.no_grad():
+                fn(*args)
+        else:
+            fn(*args).backward()
 
     for _ in range(warmup):
         step()
@@ -271,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
         if o not in OPS:
             raise UserError(f"unknown op {o!r}", where="--ops", fix=f"choose from {', '.join(OPS)}")
     providers = [p.strip() for p in (args.providers or
-                                     ("ours,eager,compile,liger" if gpu else "ours,eager")).split(",")
+                                     ("ours,ours_main_grad,eager,compile,liger" if gpu
+                                      else "ours,ours_main_grad,eager")).split(",")
                  if p.strip()]
     for p in providers:
         if p not in PROVIDERS:
@@ -298,14 +312,22 @@ def run(args: argparse.Namespace) -> int:
     print("TFLOP/s are counted as 6*N*H*V per forward+backward for every provider "
           "(logits + dX + dW matmuls); peak memory is above the inputs, incl. grads.")
     rows, table = [], []
-    cases = [(op, n, p) for op in ops for n in tokens for p in providers]
+    # forward-only rows: our op and eager, for the reference / old log-prob passes
+    cases = [(op, n, p, mode) for op in ops for n in tokens for p in providers
+             for mode in (("fwd+bwd", "fwd") if p in ("ours", "eager") else ("fwd+bwd",))]
     t_start = time.time()
-    for i, (op, n, prov) in enumerate(cases, 1):
+    for i, (op, n, prov, mode) in enumerate(cases, 1):
         inputs = _make_inputs(torch, op, n, h, v, args.seq_len, dtype, device, args.seed)
         n_eff = inputs[0].shape[0] * inputs[0].shape[1]
         shape = f"N={n_eff},H={h},V={v}"
-        if prov == "ours":
-            fn = _ours_fn(op, backend)
+        grad_mib = (inputs[0].numel() + inputs[1].numel()) * inputs[0].element_size() / 2**20
+        if prov == "ours_main_grad":
+            inputs[1].main_grad = torch.zeros(inputs[1].shape, dtype=torch.float32, device=device)
+            grad_mib = inputs[0].numel() * inputs[0].element_size() / 2**20   # dW lands in main_grad
+        if mode == "fwd":
+            grad_mib = 0.0
+        if prov in ("ours", "ours_main_grad"):
+            fn = _ours_fn(op, backend, main_grad=prov == "ours_main_grad")
         elif prov == "eager":
             fn = _eager_fn(torch, op)
         elif prov == "compile":
@@ -318,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             try:
                 times, peak = _time_case(torch, fn, inputs, warmup=warmup, reps=reps,
-                                         device=device)
+                                         device=device, forward_only=mode == "fwd")
             except torch.cuda.OutOfMemoryError if gpu else MemoryError as exc:
                 note = f"out of memory: {str(exc).splitlines()[0]}"
             except Exception as exc:  # a provider failing must not kill the sweep
@@ -326,35 +348,44 @@ def run(args: argparse.Namespace) -> int:
         if gpu:
             torch.cuda.empty_cache()
         eta = (time.time() - t_start) / i * (len(cases) - i)
+        label = prov if mode == "fwd+bwd" else f"{prov}/fwd"
         if note:
-            print(f"[{i}/{len(cases)}] {op:8s} {prov:8s} {shape}: skipped ({note}); ETA {eta:.0f}s")
-            table.append((op, prov, shape, None, None, None, note))
+            print(f"[{i}/{len(cases)}] {op:8s} {label:14s} {shape}: skipped ({note}); ETA {eta:.0f}s")
+            table.append((op, label, shape, None, None, None, None, note))
             continue
         p20, p50, p80 = _quantiles(times)
-        flops = 6.0 * n_eff * h * v
+        per_nhv = 6.0 if mode == "fwd+bwd" else 2.0
+        flops = per_nhv * n_eff * h * v
         tf = [flops / (t * 1e-3) / 1e12 for t in (p80, p50, p20)]   # slower time = lower TFLOP/s
-        common = dict(op=op, provider=prov, mode="fwd+bwd", shape=shape, dtype=dtype_name,
+        common = dict(op=op, provider=prov, mode=mode, shape=shape, dtype=dtype_name,
                       device=dev_name, date=date, commit=commit)
         rows.append({**common, "metric": "time", "unit": "ms", "p20": p20, "p50": p50, "p80": p80})
-        rows.append({**common, "metric": "throughput_6NHV", "unit": "TFLOP/s", "p20": tf[0],
-                     "p50": tf[1], "p80": tf[2]})
+        rows.append({**common, "metric": f"throughput_{int(per_nhv)}NHV", "unit": "TFLOP/s",
+                     "p20": tf[0], "p50": tf[1], "p80": tf[2]})
+        extra_mib = None
         if peak is not None:
+            extra_mib = peak - grad_mib
             rows.append({**common, "metric": "peak_memory_above_inputs", "unit": "MiB",
                          "p20": peak, "p50": peak, "p80": peak})
-        table.append((op, prov, shape, p50, tf[1], peak, ""))
-        print(f"[{i}/{len(cases)}] {op:8s} {prov:8s} {shape}: {p50:.3f} ms, {tf[1]:.3g} TFLOP/s; "
+            rows.append({**common, "metric": "extra_beyond_grads", "unit": "MiB",
+                         "p20": extra_mib, "p50": extra_mib, "p80": extra_mib})
+        table.append((op, label, shape, p50, tf[1], peak, extra_mib, ""))
+        print(f"[{i}/{len(cases)}] {op:8s} {label:14s} {shape}: {p50:.3f} ms, {tf[1]:.3g} TFLOP/s; "
               f"ETA {eta:.0f}s")
 
     print()
-    print(f"{'op':9s} {'provider':9s} {'shape':28s} {'ms (p50)':>10s} {'TFLOP/s*':>9s} "
-          f"{'peak MiB':>9s}")
-    for op, prov, shape, ms, tf, peak, note in table:
+    print(f"{'op':9s} {'provider':19s} {'shape':28s} {'ms (p50)':>10s} {'TFLOP/s*':>9s} "
+          f"{'peak MiB':>9s} {'extra MiB':>9s}")
+    for op, prov, shape, ms, tf, peak, extra_mib, note in table:
         if ms is None:
-            print(f"{op:9s} {prov:9s} {shape:28s} {'-':>10s} {'-':>9s} {'-':>9s}  {note[:60]}")
+            print(f"{op:9s} {prov:19s} {shape:28s} {'-':>10s} {'-':>9s} {'-':>9s} {'-':>9s}  "
+                  f"{note[:60]}")
         else:
-            print(f"{op:9s} {prov:9s} {shape:28s} {ms:10.3f} {tf:9.3g} "
-                  f"{('%.0f' % peak) if peak is not None else 'n/a':>9s}")
-    print("* 6*N*H*V FLOPs per forward+backward")
+            print(f"{op:9s} {prov:19s} {shape:28s} {ms:10.3f} {tf:9.3g} "
+                  f"{('%.0f' % peak) if peak is not None else 'n/a':>9s} "
+                  f"{('%.0f' % extra_mib) if extra_mib is not None else 'n/a':>9s}")
+    print("* 6*N*H*V FLOPs per forward+backward, 2*N*H*V per forward (/fwd rows); extra MiB = "
+          "peak above the inputs minus the gradients themselves")
     if rows and not args.no_csv:
         path = Path(args.csv)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import OpConfig, check_lm_head_inputs, make_config
-from .logprobs import _Engine, finish_grads
+from .logprobs import GradSink, _Engine
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 METRIC_KEYS = ("chosen_rewards", "rejected_rewards", "reward_margins", "reward_accuracy",
@@ -175,8 +175,8 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         losses = torch.empty(b, dtype=torch.float32, device=dev)
         cr = torch.empty_like(losses)
         rj = torch.empty_like(losses)
-        dx = torch.zeros(two_b * t, h, dtype=torch.float32, device=dev) if want_dx else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if want_dw else None
+        sink = GradSink(hf, weight, cfg, want_dx=want_dx, want_dw=want_dw, in_forward=True)
+        dx = sink.dx
         pairs = max(1, cfg.chunk_rows // (2 * t))
         for i0 in range(0, b, pairs):
             i1 = min(b, i0 + pairs)
@@ -205,30 +205,27 @@ class FusedLinearDPOFunction(torch.autograd.Function):
             coef = torch.cat([(g_c / b)[:, None].expand(k, t) - nll_alpha / n_chosen,
                               (g_r / b)[:, None].expand(k, t)]).reshape(-1)
             if whole:
-                eng.grads(logits, lse, y_c, coef, x_c, dx_out=dx, dw_acc=dw)
+                eng.grads(logits, lse, y_c, coef, x_c, dx_out=dx, sink=sink)
             else:
-                tmp = torch.empty(2 * k * t, h, dtype=torch.float32, device=dev) if want_dx \
+                tmp = torch.empty(2 * k * t, h, dtype=dx.dtype, device=dev) if want_dx \
                     else None
-                eng.grads(logits, lse, y_c, coef, x_c, dx_out=tmp, dw_acc=dw)
+                eng.grads(logits, lse, y_c, coef, x_c, dx_out=tmp, sink=sink)
                 if want_dx:
                     dx[ch], dx[rjs] = tmp[:k * t], tmp[k * t:]
             del logits
         nll = -seq[:b].sum() / n_chosen
         loss = losses.mean() + nll_alpha * nll
         metrics = _metrics_tensor(losses, cr, rj, seq[:b], seq[b:], nll)
-        dx, dw = finish_grads(dx, dw, hidden, weight, cfg)
-        if dx is not None:
-            dx = dx.view(two_b, t, h)
-        ctx.save_for_backward(dx, dw)
+        sink.finish()
+        if sink.dx is not None:
+            sink.dx = sink.dx.view(two_b, t, h)
+        ctx.sink = sink
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
-        dx, dw = ctx.saved_tensors
-        g = grad_loss.float()
-        gx = None if dx is None else (dx * g).to(dx.dtype)
-        gw = None if dw is None else (dw * g).to(dw.dtype)
+        gx, gw = ctx.sink.upstream(grad_loss)
         return gx, gw, None, None, None, None, None, None, None, None, None
 
 
@@ -241,7 +238,9 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           rejected_lengths: torch.Tensor | None = None,
                           nll_alpha: float = 0.0, ignore_index: int = -100, tp_group=None,
                           temperature: float = 1.0, vocab_size: int | None = None,
-                          backend: str = "auto", chunk_size: int | None = None):
+                          backend: str = "auto", chunk_size: int | None = None,
+                          main_grad: bool = False, grad_scale: float = 1.0,
+                          dw_accumulation: str = "param"):
     """DPO loss from LM-head inputs -> (loss, metrics) without materialising logits.
 
     hidden [2B, T, H]: rows 0..B-1 chosen, B..2B-1 rejected (same prompt order);
@@ -255,7 +254,8 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     ``ipo``/``simpo`` (same keywords as :func:`dpo_loss`); the NLL term always counts
     labels. ``nll_alpha``: RPO NLL weight on chosen (mean NLL over all chosen tokens).
     Metrics: see :func:`dpo_loss`, with ``nll_loss`` filled in.
-    Other keywords as in :func:`linear_logprobs`.
+    ``main_grad`` / ``grad_scale`` / ``dw_accumulation``: as in
+    :func:`fused_linear_wsft_loss`. Other keywords as in :func:`linear_logprobs`.
     """
     check_lm_head_inputs(hidden, weight, labels, lead_shape_name="hidden.shape[:2]")
     if hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[0] == 0:
@@ -267,7 +267,8 @@ def fused_linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         raise ValueError(f"nll_alpha must be a number >= 0, got {nll_alpha!r}")
     cfg = make_config(hidden=hidden, weight=weight, backend=backend, ignore_index=ignore_index,
                       temperature=temperature, tp_group=tp_group, vocab_size=vocab_size,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, main_grad=main_grad, grad_scale=grad_scale,
+                      dw_accumulation=dw_accumulation)
     b = hidden.shape[0] // 2
     if opts.uses_reference:
         if ref_chosen_logps is None or ref_rejected_logps is None:

@@ -20,9 +20,13 @@ What is unusual here
   logits chunk (6NHV total). ``linear_logprobs`` serves an arbitrary upstream gradient,
   so its backward recomputes the logits (8NHV) but reuses the saved lse (no collective
   besides the dX all-reduce).
-* **fp32 everywhere it matters:** logits come out of the GEMM in fp32, statistics are
-  fp32, dW is accumulated over chunks in an fp32 buffer, dX in fp32 and all-reduced in
-  fp32; only the final grads are cast to the parameter dtype.
+* **fp32 where it matters, no [V, H] fp32 buffer:** logits come out of the GEMM in fp32
+  and statistics are fp32. dlogits are written in 16 bits IN PLACE over the fp32 logits
+  chunk (GPU), so the chunk is the op's only [rows, V] buffer. dW goes to a buffer in the
+  weight's dtype (each chunk's GEMM accumulates in fp32; ``dw_accumulation="float32"``
+  keeps an fp32 accumulator instead) or, inside Megatron training, straight into the
+  parameter's fp32 ``main_grad`` (``main_grad=True``, see ``GradSink``). dX is all-reduced
+  over TP in fp32.
 * Padding rows (global id >= ``vocab_size``) are masked to -inf inside the kernels.
   Labels must be < ``vocab_size``; a label pointing into padding is not checked (that
   would need a host sync) and yields a meaningless but finite value.
@@ -82,43 +86,61 @@ if _HAVE_TRITON:
         tl.store(t_ptr + rows, t, mask=row_ok)
 
     @triton.jit
-    def _dlogits_kernel(logits_ptr, out_ptr, labels_ptr, lse_ptr, coef_ptr,
+    def _dlogits_kernel(logits_ptr, out_ptr, labels_ptr, lse_ptr, mu_ptr, coef_ptr, ecoef_ptr,
                         n_rows, n_cols, stride_row, stride_out, vocab_start, vocab_size,
-                        ignore_index, inv_temp, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-        """dlogits = coef_row * (onehot(label) - softmax(z)) * inv_temp for one tile.
+                        ignore_index, inv_temp, ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_V: tl.constexpr):
+        """dlogits = (coef·(onehot(label) - p) - ecoef·p·(z - mu)) * inv_temp with
+        p = softmax(z) and mu = Σ p z per row (the entropy term only when ENTROPY: the
+        policy-gradient op's bonus), one row block per program, streaming the shard from
+        left to right.
+
         ``coef`` is d loss / d logp per row (0 for ignored rows); padding columns get 0.
-        ``out`` may alias ``logits`` (fp32) or be the bf16/fp16 GEMM operand buffer."""
-        pid_n = tl.program_id(0)
-        pid_v = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        ``out`` may be the fp32 logits themselves, or (GPU) a bf16/fp16 view of the SAME
+        storage with row stride 2 x n_cols: the 16-bit dlogits of columns [c0, c1) land on
+        the bytes of fp32 columns [c0/2, c1/2), which this program has already read, and
+        no other program touches this row, so the in-place write is race-free. Software
+        pipelining only moves loads earlier, and later blocks never read written bytes."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
-        col_in = cols < n_cols
-        col_ok = col_in & ((cols + vocab_start) < vocab_size)
-        mask = row_ok[:, None] & col_ok[None, :]
-        z = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :],
-                    mask=mask, other=float("-inf")) * inv_temp
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
         labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+        if ENTROPY:
+            mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
+            ecoef = tl.load(ecoef_ptr + rows, mask=row_ok, other=0.0)
         local = labels - vocab_start
-        p = tl.exp(z - lse[:, None])
-        hit = (cols[None, :] == local[:, None]) & (labels != ignore_index)[:, None]
-        dz = (coef * inv_temp)[:, None] * (tl.where(hit, 1.0, 0.0) - p)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :],
-                 dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_in[None, :])
+        has_label = labels != ignore_index
+        in_row = rows.to(tl.int64)[:, None] * stride_row
+        out_row = rows.to(tl.int64)[:, None] * stride_out
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            col_in = cols < n_cols
+            col_ok = col_in & ((cols + vocab_start) < vocab_size)
+            mask = row_ok[:, None] & col_ok[None, :]
+            z = tl.load(logits_ptr + in_row + cols[None, :], mask=mask,
+                        other=float("-inf")) * inv_temp
+            p = tl.exp(z - lse[:, None])
+            hit = (cols[None, :] == local[:, None]) & has_label[:, None]
+            dz = coef[:, None] * (tl.where(hit, 1.0, 0.0) - p)
+            if ENTROPY:
+                dz = dz - ecoef[:, None] * p * tl.where(mask, z - mu[:, None], 0.0)
+            dz = tl.where(mask, dz * inv_temp, 0.0)
+            tl.store(out_ptr + out_row + cols[None, :], dz.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_in[None, :])
 
 
 def _blocks(kind: str, n_cols: int, gpu: bool) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_V, num_warps) for ``kind`` in {"stats", "dlogits"}.
 
-    GPU: the stats kernel gives each program one row and streams the whole shard in
-    4096-wide blocks (one read of the fp32 chunk); dlogits uses 4x1024 tiles on a 2-D grid.
+    GPU: both kernels give each program one row and stream the whole shard in 4096-wide
+    blocks (one read of the fp32 chunk; dlogits also one 16-bit write, in place).
     These are untuned first guesses (no GPU was available when this was written).
     Interpreter: big 2-D blocks, so that few Python-level programs run.
     """
     if gpu:
-        return (1, 4096, 8) if kind == "stats" else (4, 1024, 8)
+        return 1, 4096, 8
     return 16, min(2048, triton.next_power_of_2(max(n_cols, 16))), 4
 
 
@@ -134,16 +156,35 @@ def _stats_triton(logits, labels, cfg: OpConfig, *, gpu_blocks: bool | None = No
     return m, s, t
 
 
+def inplace_half(logits: torch.Tensor, out_dtype) -> torch.Tensor:
+    """The 16-bit dlogits buffer: a ``[n, v]`` view over the fp32 logits' own storage
+    (row stride 2v), or the logits themselves for fp32. No second [rows, V] buffer."""
+    if out_dtype == torch.float32:
+        return logits
+    if logits.dtype != torch.float32 or not logits.is_contiguous():
+        raise ValueError("in-place 16-bit dlogits need contiguous fp32 logits")
+    return logits.view(out_dtype)[:, :logits.shape[1]]
+
+
+def dlogits_triton(logits, labels, lse, coef, cfg: OpConfig, out_dtype, *, mu=None, ecoef=None,
+                   gpu_blocks: bool | None = None):
+    """Launch ``_dlogits_kernel`` (the entropy term when ``ecoef`` is given); returns the
+    dlogits, in place over ``logits``."""
+    n, v = logits.shape
+    out = inplace_half(logits, out_dtype)
+    entropy = ecoef is not None
+    bn, bv, warps = _blocks("dlogits", v, logits.is_cuda if gpu_blocks is None else gpu_blocks)
+    _dlogits_kernel[(triton.cdiv(n, bn),)](
+        logits, out, labels, lse, mu if entropy else lse, coef, ecoef if entropy else coef,
+        n, v, logits.stride(0), out.stride(0), cfg.vocab_start, cfg.vocab_size,
+        cfg.ignore_index, cfg.inv_temp, ENTROPY=entropy, BLOCK_N=bn, BLOCK_V=bv,
+        num_warps=warps)
+    return out
+
+
 def _dlogits_triton(logits, labels, lse, coef, cfg: OpConfig, out_dtype, *,
                     gpu_blocks: bool | None = None):
-    n, v = logits.shape
-    out = logits if out_dtype == torch.float32 else torch.empty(n, v, dtype=out_dtype,
-                                                                 device=logits.device)
-    bn, bv, warps = _blocks("dlogits", v, logits.is_cuda if gpu_blocks is None else gpu_blocks)
-    _dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
-        logits, out, labels, lse, coef, n, v, logits.stride(0), out.stride(0), cfg.vocab_start,
-        cfg.vocab_size, cfg.ignore_index, cfg.inv_temp, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps)
-    return out
+    return dlogits_triton(logits, labels, lse, coef, cfg, out_dtype, gpu_blocks=gpu_blocks)
 
 
 # =======================================================================================
@@ -213,15 +254,17 @@ class _Engine:
         return mm_f32(x_c, self.w.t())
 
     def grads(self, logits, lse, y_c, coef, x_c, *, dx_out: torch.Tensor | None,
-              dw_acc: torch.Tensor | None) -> None:
-        """coef = d loss / d logp per row. Writes dX rows into ``dx_out`` (fp32) and adds
-        this chunk's dW into ``dw_acc`` (fp32). ``logits`` may be overwritten."""
+              sink: "GradSink") -> None:
+        """coef = d loss / d logp per row. Writes dX rows into ``dx_out`` and adds this
+        chunk's dW to the sink. ``logits`` is overwritten (dlogits in place)."""
         coef = torch.where(y_c != self.cfg.ignore_index, coef.float(), torch.zeros_like(lse))
         dz = self._dlogits(logits, y_c, lse, coef, self.cfg, self.dz_dtype)
+        self.apply_dz(dz, x_c, dx_out=dx_out, sink=sink)
+
+    def apply_dz(self, dz, x_c, *, dx_out, sink: "GradSink") -> None:
         if dx_out is not None:
             dx_out.copy_(mm_f32(dz, self.w))
-        if dw_acc is not None:
-            addmm_f32_(dw_acc, dz.t(), x_c)
+        sink.add_dw(dz, x_c)
 
 
 def chunk_slices(n: int, rows: int):
@@ -229,15 +272,91 @@ def chunk_slices(n: int, rows: int):
         yield slice(r0, min(n, r0 + rows))
 
 
-def finish_grads(dx: torch.Tensor | None, dw: torch.Tensor | None, hidden: torch.Tensor,
-                 weight: torch.Tensor, cfg: OpConfig):
-    """All-reduce dX over TP (hidden's grad is the full-vocab gradient) and cast."""
-    if dx is not None:
-        _tp.all_reduce_sum_(dx, cfg.tp_group)
-        dx = dx.to(hidden.dtype)
-    if dw is not None:
-        dw = dw.to(weight.dtype)
-    return dx, dw
+_MISMATCH: dict[str, torch.Tensor] = {}
+
+
+def main_grad_mismatches(device) -> torch.Tensor:
+    """Device counter (int32, 0-dim) of backward passes whose upstream gradient differed
+    from the ``grad_scale`` a fused op had already applied to ``main_grad``. Read it with
+    the step's other statistics (no extra host sync) and reset with ``.zero_()``; non-zero
+    means that step's LM-head gradient is wrong and must not be applied."""
+    key = str(torch.device(device))
+    if key not in _MISMATCH:
+        _MISMATCH[key] = torch.zeros((), dtype=torch.int32, device=device)
+    return _MISMATCH[key]
+
+
+class GradSink:
+    """Where a fused op's dX and dW go; one implementation for all four ops.
+
+    * dX: the op's rows, in the hidden dtype when bf16/fp16 and TP = 1 (each row is
+      complete after one GEMM, nothing to accumulate), else fp32 (all-reduced over TP in
+      fp32, then cast).
+    * dW (``cfg.dw_mode``): ``param`` accumulates chunk by chunk in a weight-dtype buffer
+      that becomes the weight's grad (no fp32 [V, H] buffer; the GEMM accumulates each
+      chunk in fp32); ``float32`` in an fp32 buffer cast once at the end; ``main_grad``
+      straight into ``weight.main_grad`` (Megatron DDP's fp32 grad buffer, i.e.
+      gradient-accumulation fusion): the weight then gets no ``.grad`` at all.
+    * ``in_forward`` ops (DPO/WSFT/PG compute grads in forward) keep dX/dW until backward,
+      which scales them IN PLACE by the upstream gradient (no copies). With ``main_grad``
+      the dW is already scaled by ``cfg.grad_scale``; backward checks the upstream
+      gradient against it on the device (``main_grad_mismatches``), without a host sync.
+    """
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, cfg: OpConfig, *, want_dx: bool,
+                 want_dw: bool, in_forward: bool, rows: int | None = None):
+        self.cfg = cfg
+        self.hidden_dtype = hidden.dtype
+        self.weight_dtype = weight.dtype
+        self.in_forward = in_forward
+        self.tp_world = _tp.group_rank_world(cfg.tp_group)[1]
+        n = hidden.shape[0] if rows is None else rows
+        dx_dtype = hidden.dtype if (hidden.dtype in (torch.bfloat16, torch.float16)
+                                    and self.tp_world == 1) else torch.float32
+        self.dx = torch.zeros(n, hidden.shape[-1], dtype=dx_dtype, device=hidden.device) \
+            if want_dx else None
+        self.alpha = 1.0
+        self.dw = None
+        self.to_main_grad = want_dw and cfg.dw_mode == "main_grad"
+        if self.to_main_grad:
+            self.dw = weight.main_grad
+            self.alpha = cfg.grad_scale if in_forward else 1.0
+        elif want_dw:
+            dt = weight.dtype if cfg.dw_mode == "param" else torch.float32
+            self.dw = torch.zeros(weight.shape, dtype=dt, device=weight.device)
+
+    def add_dw(self, dz: torch.Tensor, x_c: torch.Tensor) -> None:
+        if self.dw is not None:
+            addmm_f32_(self.dw, dz.t(), x_c, alpha=self.alpha)
+
+    def finish(self) -> None:
+        """All-reduce dX over TP (hidden's grad is the full-vocab gradient) and cast."""
+        if self.dx is not None:
+            _tp.all_reduce_sum_(self.dx, self.cfg.tp_group)
+            self.dx = self.dx.to(self.hidden_dtype)
+        if self.dw is not None and not self.to_main_grad:
+            self.dw = self.dw.to(self.weight_dtype)
+
+    def upstream(self, grad: torch.Tensor):
+        """Backward of an ``in_forward`` op: (dX, dW) scaled in place by the upstream scalar;
+        dW is None when it went to main_grad. Runs once (the buffers are handed over)."""
+        if getattr(self, "_spent", False):
+            raise RuntimeError("a fused LM-head loss can be backpropagated once (its gradients "
+                               "are computed in forward and handed over); do not retain_graph")
+        self._spent = True
+        g = grad.float()
+        dx, dw = self.dx, self.dw
+        self.dx = self.dw = None
+        if dx is not None:
+            dx.mul_(g)
+        if self.to_main_grad:
+            s = self.cfg.grad_scale
+            bad = ((g - s).abs() > 1e-6 * s).to(torch.int32)
+            main_grad_mismatches(g.device).add_(bad.reshape(()))
+            return dx, None
+        if dw is not None:
+            dw.mul_(g)
+        return dx, dw
 
 
 # =======================================================================================
@@ -262,26 +381,23 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp):
         hidden, weight, labels, lse = ctx.saved_tensors
         cfg: OpConfig = ctx.cfg
-        want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         eng = _Engine(weight, cfg)
-        n = hidden.shape[0]
-        dx = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_dx \
-            else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw \
-            else None
+        sink = GradSink(hidden, weight, cfg, want_dx=ctx.needs_input_grad[0],
+                        want_dw=ctx.needs_input_grad[1], in_forward=False)
         g = grad_logp.float()
-        for sl in chunk_slices(n, cfg.chunk_rows):
+        for sl in chunk_slices(hidden.shape[0], cfg.chunk_rows):
             x_c = hidden[sl]
             eng.grads(eng.logits(x_c), lse[sl], labels[sl], g[sl], x_c,
-                      dx_out=None if dx is None else dx[sl], dw_acc=dw)
-        dx, dw = finish_grads(dx, dw, hidden, weight, cfg)
-        return dx, dw, None, None
+                      dx_out=None if sink.dx is None else sink.dx[sl], sink=sink)
+        sink.finish()
+        return sink.dx, None if sink.to_main_grad else sink.dw, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                     ignore_index: int = -100, tp_group=None, temperature: float = 1.0,
                     vocab_size: int | None = None, backend: str = "auto",
-                    chunk_size: int | None = None) -> torch.Tensor:
+                    chunk_size: int | None = None, main_grad: bool = False,
+                    dw_accumulation: str = "param") -> torch.Tensor:
     """Per-token log-probs of ``labels`` under the (vocab-parallel) LM head, float32.
 
     hidden: [..., H] (usually [N, H]); weight: this rank's shard [V/tp, H] (rank r holds
@@ -291,11 +407,16 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     at global index >= it are Megatron padding and excluded from the softmax.
     ``backend``: "auto" | "triton" | "torch" ($MEGATRON_SZ_KERNEL_BACKEND overrides).
     ``chunk_size``: token rows per chunk (default from $MEGATRON_SZ_KERNEL_CHUNK_MB).
+    ``main_grad``: add dW straight into ``weight.main_grad`` (Megatron DDP's fp32 buffer)
+    in backward instead of returning it (gradient-accumulation fusion: no [V, H] grad
+    tensor at all). ``dw_accumulation``: "param" (default; dW accumulated in the weight's
+    dtype, as Liger does) or "float32" (an fp32 accumulator cast once at the end).
+    Without grad (reference / old log-prob passes) the cost is one logits GEMM, 2NHV.
     """
     check_lm_head_inputs(hidden, weight, labels, lead_shape_name="hidden.shape[:-1]")
     cfg = make_config(hidden=hidden, weight=weight, backend=backend, ignore_index=ignore_index,
                       temperature=temperature, tp_group=tp_group, vocab_size=vocab_size,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, main_grad=main_grad, dw_accumulation=dw_accumulation)
     lead = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = labels.reshape(-1).to(torch.int64).contiguous()

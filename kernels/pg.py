@@ -45,8 +45,9 @@ from dataclasses import dataclass
 import torch
 
 from . import _tp
-from ._common import OpConfig, addmm_f32_, check_lm_head_inputs, make_config, mm_f32
-from .logprobs import _Engine, _blocks, _scaled_masked, _target_index, finish_grads, chunk_slices
+from ._common import OpConfig, check_lm_head_inputs, make_config, mm_f32
+from .logprobs import (GradSink, _Engine, _blocks, _scaled_masked, _target_index, chunk_slices,
+                       dlogits_triton)
 
 try:  # Triton is optional: the torch backend works without it.
     import triton
@@ -107,39 +108,6 @@ if _HAVE_TRITON:
         tl.store(u_ptr + rows, u, mask=row_ok)
         tl.store(t_ptr + rows, t, mask=row_ok)
 
-    @triton.jit
-    def _pg_dlogits_kernel(logits_ptr, out_ptr, labels_ptr, lse_ptr, mu_ptr, coef_ptr,
-                           ecoef_ptr, n_rows, n_cols, stride_row, stride_out, vocab_start,
-                           vocab_size, ignore_index, inv_temp, ENTROPY: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-        """dlogits = (coef·(onehot - p) - ecoef·p·(z - mu)) * inv_temp for one tile, with
-        p = softmax(z), mu = Σ p z per row. Padding columns get exactly 0. ``out`` may
-        alias ``logits`` (fp32) or be the bf16/fp16 GEMM operand buffer."""
-        pid_n = tl.program_id(0)
-        pid_v = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        row_ok = rows < n_rows
-        col_in = cols < n_cols
-        col_ok = col_in & ((cols + vocab_start) < vocab_size)
-        mask = row_ok[:, None] & col_ok[None, :]
-        z = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :],
-                    mask=mask, other=float("-inf")) * inv_temp
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-        local = labels - vocab_start
-        p = tl.exp(z - lse[:, None])
-        hit = (cols[None, :] == local[:, None]) & (labels != ignore_index)[:, None]
-        dz = coef[:, None] * (tl.where(hit, 1.0, 0.0) - p)
-        if ENTROPY:
-            mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
-            ecoef = tl.load(ecoef_ptr + rows, mask=row_ok, other=0.0)
-            dz = dz - ecoef[:, None] * p * tl.where(mask, z - mu[:, None], 0.0)
-        dz = tl.where(mask, dz * inv_temp, 0.0)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :],
-                 dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_in[None, :])
-
 
 def _stats_triton(logits, labels, cfg: OpConfig, *, gpu_blocks: bool | None = None):
     n, v = logits.shape
@@ -154,17 +122,9 @@ def _stats_triton(logits, labels, cfg: OpConfig, *, gpu_blocks: bool | None = No
 
 def _dlogits_triton(logits, labels, lse, mu, coef, ecoef, cfg: OpConfig, out_dtype, *,
                     gpu_blocks: bool | None = None):
-    n, v = logits.shape
-    out = logits if out_dtype == torch.float32 else torch.empty(n, v, dtype=out_dtype,
-                                                                 device=logits.device)
-    entropy = ecoef is not None
-    bn, bv, warps = _blocks("dlogits", v, logits.is_cuda if gpu_blocks is None else gpu_blocks)
-    _pg_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
-        logits, out, labels, lse, mu if entropy else lse, coef, ecoef if entropy else coef,
-        n, v, logits.stride(0), out.stride(0), cfg.vocab_start, cfg.vocab_size,
-        cfg.ignore_index, cfg.inv_temp, ENTROPY=entropy, BLOCK_N=bn, BLOCK_V=bv,
-        num_warps=warps)
-    return out
+    """The shared dlogits kernel of ``logprobs.py`` with its entropy term (in place)."""
+    return dlogits_triton(logits, labels, lse, coef, cfg, out_dtype, mu=mu, ecoef=ecoef,
+                          gpu_blocks=gpu_blocks)
 
 
 # =======================================================================================
@@ -240,12 +200,9 @@ class _PGEngine(_Engine):
         logp = torch.where(valid, t - lse, torch.zeros_like(lse))
         return logits, lse, mu, ent, logp
 
-    def pg_grads(self, logits, lse, mu, y_c, coef, ecoef, x_c, *, dx_out, dw_acc):
+    def pg_grads(self, logits, lse, mu, y_c, coef, ecoef, x_c, *, dx_out, sink: GradSink):
         dz = self._pg_dlogits(logits, y_c, lse, mu, coef, ecoef, self.cfg, self.dz_dtype)
-        if dx_out is not None:
-            dx_out.copy_(mm_f32(dz, self.w))
-        if dw_acc is not None:
-            addmm_f32_(dw_acc, dz.t(), x_c)
+        self.apply_dz(dz, x_c, dx_out=dx_out, sink=sink)
 
 
 # =======================================================================================
@@ -364,8 +321,7 @@ class FusedLinearPGFunction(torch.autograd.Function):
         ratio = torch.zeros_like(loss_tok)
         kl = torch.zeros_like(loss_tok) if ref is not None else None
         flags = torch.zeros(3, n, dtype=torch.bool, device=dev)
-        dx = torch.zeros(n, h, dtype=torch.float32, device=dev) if want_dx else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if want_dw else None
+        sink = GradSink(hidden, weight, cfg, want_dx=want_dx, want_dw=want_dw, in_forward=True)
         use_ent = bool(opts.entropy_coef)
         for sl in chunk_slices(n, cfg.chunk_rows):
             x_c, y_c = hidden[sl], labels[sl]
@@ -386,21 +342,18 @@ class FusedLinearPGFunction(torch.autograd.Function):
                 coef = torch.where(ok, w_c * g_c, zero)
                 ecoef = torch.where(ok, -opts.entropy_coef * w_c, zero) if use_ent else None
                 eng.pg_grads(logits, lse, mu, y_c, coef, ecoef, x_c,
-                             dx_out=None if dx is None else dx[sl], dw_acc=dw)
+                             dx_out=None if sink.dx is None else sink.dx[sl], sink=sink)
             del logits
         loss = loss_tok.sum()
         metrics = _metrics(loss, ent, logp, ratio, kl, flags, old, valid, n_known, opts)
-        dx, dw = finish_grads(dx, dw, hidden, weight, cfg)
-        ctx.save_for_backward(dx, dw)
+        sink.finish()
+        ctx.sink = sink
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
-        dx, dw = ctx.saved_tensors
-        g = grad_loss.float()
-        gx = None if dx is None else (dx * g).to(dx.dtype)
-        gw = None if dw is None else (dw * g).to(dw.dtype)
+        gx, gw = ctx.sink.upstream(grad_loss)
         return (gx, gw) + (None,) * 13
 
 
@@ -458,7 +411,8 @@ def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          denominator: float | torch.Tensor | None = None,
                          ignore_index: int = -100, tp_group=None, temperature: float = 1.0,
                          vocab_size: int | None = None, backend: str = "auto",
-                         chunk_size: int | None = None):
+                         chunk_size: int | None = None, main_grad: bool = False,
+                         grad_scale: float = 1.0, dw_accumulation: str = "param"):
     """PPO-clipped policy-gradient loss from LM-head inputs -> (loss, metrics).
 
     hidden [B, T, H] (B sequences of T tokens; a 2-D [N, H] is one sequence of N tokens),
@@ -470,7 +424,8 @@ def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     per sequence [B] (ADPO's dynamic upper bound) or per token. ``clip_c``: dual-clip
     bound (> 1) for negative advantages. ``kl_estimator``: k1 | k2 | k3. ``entropy_coef``:
     bonus weight (the loss subtracts coef · H). ``aggregation`` / ``norm_constant`` /
-    ``denominator``: see the module docstring. Other keywords as in
+    ``denominator``: see the module docstring. ``main_grad`` / ``grad_scale`` /
+    ``dw_accumulation``: as in :func:`fused_linear_wsft_loss`. Other keywords as in
     :func:`linear_logprobs`.
 
     ``metrics`` (0-dim float32, detached, no host sync; means over unmasked tokens):
@@ -488,7 +443,8 @@ def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                      aggregation=aggregation, norm_constant=norm_constant)
     cfg = make_config(hidden=hidden, weight=weight, backend=backend, ignore_index=ignore_index,
                       temperature=temperature, tp_group=tp_group, vocab_size=vocab_size,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, main_grad=main_grad, grad_scale=grad_scale,
+                      dw_accumulation=dw_accumulation)
     lead = tuple(labels.shape) if labels.dim() == 2 else (1,) + tuple(labels.shape)
     dev = hidden.device
     y = labels.to(torch.int64).reshape(lead).contiguous()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._common import OpConfig, check_lm_head_inputs, make_config
-from .logprobs import _Engine, chunk_slices, finish_grads
+from .logprobs import GradSink, _Engine, chunk_slices
 
 NORMALIZATIONS = ("sum", "sequence", "token")
 
@@ -49,32 +49,29 @@ class FusedLinearWSFTFunction(torch.autograd.Function):
                            torch.zeros((), device=hidden.device))
         eng = _Engine(weight, cfg)
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        dx = torch.zeros(n, h, dtype=torch.float32, device=hidden.device) if want_dx else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw \
-            else None
+        sink = GradSink(hidden, weight, cfg, want_dx=want_dx, want_dw=want_dw, in_forward=True)
         for sl in chunk_slices(n, cfg.chunk_rows):
             x_c, y_c = hidden[sl], y[sl]
             logits, lse, logp[sl] = eng.stats(x_c, y_c)
             if want_dx or want_dw:
                 # d loss / d logp = -c
                 eng.grads(logits, lse, y_c, -coef[sl], x_c,
-                          dx_out=None if dx is None else dx[sl], dw_acc=dw)
+                          dx_out=None if sink.dx is None else sink.dx[sl], sink=sink)
             del logits
         seq_nll = -logp.view(b, t).sum(dim=1)                                    # [B]
         # a zero weight multiplies its sample's nll by exactly 0 (no inf*0: nll is finite)
         loss = (per_sample * seq_nll).sum()
-        dx, dw = finish_grads(dx, dw, hidden, weight, cfg)
-        ctx.save_for_backward(dx, dw, norm * seq_nll)       # d loss / d w_b = f_b Σ_t nll_bt
+        sink.finish()
+        ctx.sink = sink
+        ctx.save_for_backward(norm * seq_nll)               # d loss / d w_b = f_b Σ_t nll_bt
         ctx.sw_dtype = sample_weights.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        dx, dw, dsw = ctx.saved_tensors
-        g = grad_loss.float()
-        gx = None if dx is None else (dx * g).to(dx.dtype)
-        gw = None if dw is None else (dw * g).to(dw.dtype)
-        gs = (dsw * g).to(ctx.sw_dtype) if ctx.needs_input_grad[3] else None
+        (dsw,) = ctx.saved_tensors
+        gx, gw = ctx.sink.upstream(grad_loss)
+        gs = (dsw * grad_loss.float()).to(ctx.sw_dtype) if ctx.needs_input_grad[3] else None
         return gx, gw, None, gs, None, None, None, None
 
 
@@ -82,12 +79,17 @@ def fused_linear_wsft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                            sample_weights: torch.Tensor, *, normalization: str = "sum",
                            ignore_index: int = -100, tp_group=None, temperature: float = 1.0,
                            vocab_size: int | None = None, backend: str = "auto",
-                           chunk_size: int | None = None) -> torch.Tensor:
+                           chunk_size: int | None = None, main_grad: bool = False,
+                           grad_scale: float = 1.0, dw_accumulation: str = "param") -> torch.Tensor:
     """Weighted SFT loss (scalar float32) from hidden [B, T, H], labels [B, T] and
     ``sample_weights`` [B], on this rank's vocab
     shard ``weight`` [V/tp, H]. See the module docstring for the normalisations; other
     keywords as in :func:`linear_logprobs`. If ``sample_weights`` requires grad it gets
     d loss / d w_b (the sample's normalised NLL); the token grads never depend on it.
+    ``main_grad`` / ``grad_scale``: add dW, already multiplied by ``grad_scale`` (the
+    upstream gradient backward will bring: 1/num_microbatches in Megatron's schedule),
+    straight into ``weight.main_grad`` during forward; backward checks the scale (see
+    ``main_grad_mismatches``). ``dw_accumulation`` as in :func:`linear_logprobs`.
     """
     check_lm_head_inputs(hidden, weight, labels, lead_shape_name="hidden.shape[:2]")
     if hidden.dim() != 3 or hidden.shape[0] == 0:
@@ -105,7 +107,8 @@ def fused_linear_wsft_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                          f"{hidden.device}")
     cfg = make_config(hidden=hidden, weight=weight, backend=backend, ignore_index=ignore_index,
                       temperature=temperature, tp_group=tp_group, vocab_size=vocab_size,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, main_grad=main_grad, grad_scale=grad_scale,
+                      dw_accumulation=dw_accumulation)
     y = labels.to(torch.int64).contiguous()
     norm = _per_sample_norm(y, normalization, ignore_index)
     grad_on = torch.is_grad_enabled()

@@ -20,7 +20,12 @@ def test_bench_kernels_cli_appends_long_format_rows(tmp_path, capsys):
     for op in ("dpo", "wsft", "logprobs", "pg"):
         for prov in ("ours", "eager"):
             assert (op, prov, "time") in combos and (op, prov, "throughput_6NHV") in combos
-    assert len(rows) == 2 * 4 * 2 + 2 * 2        # (time, tflops) x ops x providers, then wsft again
+        assert (op, "ours_main_grad", "throughput_6NHV") in combos
+        assert {(r["provider"], r["metric"]) for r in rows if r["op"] == op and r["mode"] == "fwd"} == \
+            {("ours", "time"), ("ours", "throughput_2NHV"), ("eager", "time"), ("eager", "throughput_2NHV")}
+    # (time, tflops) x ops x (ours fwd+bwd, ours fwd, ours_main_grad, eager fwd+bwd, eager fwd),
+    # then wsft again
+    assert len(rows) == 2 * 4 * 5 + 2 * 5
     for r in rows:
         assert float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) and float(r["p50"]) > 0
         assert r["shape"].startswith("N=32,H=16,V=300") and r["date"] and r["commit"]

@@ -141,9 +141,27 @@ def layer_spec(arch: ModelShape):
 
     if have_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    from megatron_sz.megatron.norm import replace_torch_norms
+
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = FusedCoreAttention
-    return spec
+    return replace_torch_norms(spec)  # norms in the model dtype, so bf16 norms run fused
+
+
+def block_spec(arch: ModelShape, config: Any, vp_stage: int | None = None):
+    """What ``GPTModel`` gets as its layer spec: TE's layer spec as it is, or, for the local
+    spec, the whole block with megatron_sz's ``RMSNorm`` as the final norm too (Megatron
+    would fill in its fp32-weight torch norm there)."""
+    spec = layer_spec(arch)
+    if have_transformer_engine():
+        return spec
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    from megatron_sz.megatron.norm import RMSNorm
+
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=RMSNorm)
 
 
 def build_model(hf_config: Any, *, tp: int | None = None, pp: int | None = None,
@@ -191,10 +209,10 @@ def build_model(hf_config: Any, *, tp: int | None = None, pp: int | None = None,
                                 sequence_parallel=sequence_parallel, recompute=recompute,
                                 perform_initialization=init_weights, **config_overrides)
     padded = padded_vocab_size_for(hf_config, arch, tp=tp, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-    spec = layer_spec(arch)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
+        spec = block_spec(arch, config, stage)
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         model = GPTModel(
@@ -307,7 +325,7 @@ def _chunk(model_or_chunks):
 
 
 def forward_hidden(model, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
-                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   attention_mask: Optional[torch.Tensor] = None, packed_seq_params: Any = None) -> torch.Tensor:
     """Run embedding + decoder; return ``[s, b, h]``.
 
     On the last pipeline stage this is after the final RMSNorm (the LM-head input); on
@@ -317,6 +335,9 @@ def forward_hidden(model, input_ids: Optional[torch.Tensor], position_ids: Optio
     The result is replicated over TP ranks: a loss computed from this rank's vocab shard
     must all-reduce dX over TP in backward (``vocab_parallel_logits`` does).
     ``attention_mask``: None = causal; else bool ``[b, 1, s, s]`` with True = masked out.
+    ``packed_seq_params``: Megatron ``PackedSeqParams`` (THD) for one packed row ``[1, t]``
+    (``attention.packed_seq_params``): attention and RoPE restart at each ``cu_seqlens``
+    boundary; the result is ``[t, 1, h]``.
     """
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
@@ -325,11 +346,12 @@ def forward_hidden(model, input_ids: Optional[torch.Tensor], position_ids: Optio
     if position_ids is None and input_ids is not None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
     pre = gpt._preprocess(input_ids=input_ids, position_ids=position_ids, decoder_input=None,
-                          inference_context=None, packed_seq_params=None)
+                          inference_context=None, packed_seq_params=packed_seq_params)
     decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset = pre[:5]
     hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
                          rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
-                         rotary_pos_sin=rotary_pos_sin, sequence_len_offset=sequence_len_offset)
+                         rotary_pos_sin=rotary_pos_sin, sequence_len_offset=sequence_len_offset,
+                         packed_seq_params=packed_seq_params)
     if gpt.post_process and gpt.config.sequence_parallel:
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
     return hidden

@@ -1,0 +1,186 @@
+"""Where the fused ops put their gradients (issue 18): straight into Megatron's fp32
+``main_grad`` (gradient-accumulation fusion), into a weight-dtype buffer, or into an fp32
+accumulator; the in-place 16-bit dlogits; one-shot backward; the grad-scale check.
+
+Every case is compared with the float64 references of ``kernels/reference.py`` on awkward
+shapes with small chunks (several chunks accumulate into the same dW), on both backends
+(Triton under its interpreter on CPU).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_sz.kernels import (fused_linear_dpo_loss, fused_linear_pg_loss, fused_linear_wsft_loss,
+                                 linear_logprobs, main_grad_mismatches)
+from megatron_sz.kernels.reference import (ref_fused_linear_dpo_loss, ref_fused_linear_pg_loss,
+                                           ref_fused_linear_wsft_loss, ref_linear_logprobs)
+from megatron_sz.kernels.testing import assert_close_verbose
+
+BACKENDS = ["torch", "triton"]
+B, T, H, V = 3, 7, 24, 301
+CHUNK = 8  # token rows: 21 or 42 rows -> 3 to 6 chunks
+
+
+def _inputs(seed, rows, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, T, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5 * 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (rows, T), generator=g)
+    labels[torch.rand(rows, T, generator=g) < 0.25] = -100
+    labels[:, 0] = -100
+    labels[:, 1] = torch.randint(0, V, (rows,), generator=g)   # every row has a target
+    return hidden, weight, labels, g
+
+
+def _pg_kwargs(labels, g):
+    rows = labels.shape[0]
+    return dict(old_logps=-torch.rand(rows, T, generator=g) * 3, advantages=torch.randn(rows, generator=g),
+                clip_low=0.2, clip_high=0.28, entropy_coef=0.01)
+
+
+def _op(name, backend, hidden, weight, labels, g, **kw):
+    """(our loss, reference loss fn on float64 leaves)."""
+    common = dict(backend=backend, chunk_size=CHUNK, **kw)
+    if name == "logprobs":
+        up = torch.randn(labels.shape, generator=g)
+        lp = linear_logprobs(hidden, weight, labels, **common)
+        return (lp * up).sum(), lambda h, w: (ref_linear_logprobs(h, w, labels) * up.double()).sum()
+    if name == "wsft":
+        sw = torch.rand(labels.shape[0], generator=g) + 0.25
+        loss = fused_linear_wsft_loss(hidden, weight, labels, sw, normalization="token", **common)
+        return loss, lambda h, w: ref_fused_linear_wsft_loss(h, w, labels, sw.double(), normalization="token")
+    if name == "dpo":
+        b = labels.shape[0] // 2
+        rc, rr = -torch.rand(b, generator=g) * 20, -torch.rand(b, generator=g) * 20
+        loss, _ = fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                                        beta=0.5, **common)
+        return loss, lambda h, w: ref_fused_linear_dpo_loss(h, w, labels, ref_chosen_logps=rc.double(),
+                                                            ref_rejected_logps=rr.double(), beta=0.5)[0]
+    pk = _pg_kwargs(labels, g)
+    loss, _ = fused_linear_pg_loss(hidden, weight, labels, **pk, **common)
+    return loss, lambda h, w: ref_fused_linear_pg_loss(h, w, labels, **pk)[0]
+
+
+def _reference_grads(ref_fn, hidden, weight):
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    ref_fn(h, w).backward()
+    return h.grad, w.grad
+
+
+OPS = ["logprobs", "wsft", "dpo", "pg"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", OPS)
+def test_main_grad_fusion_accumulates_scaled_dw_and_leaves_no_grad(rng_seed, backend, name):
+    rows = 2 * B if name == "dpo" else B
+    hidden, weight, labels, g = _inputs(rng_seed, rows)
+    prior = torch.randn(V, H, generator=g) * 1e-4  # earlier micro-batches, at gradient scale
+    weight.main_grad = prior.clone()          # what Megatron DDP gives each parameter
+    scale = 0.25                              # e.g. 1 / num_microbatches
+    before = int(main_grad_mismatches("cpu"))
+    kw = dict(main_grad=True) if name == "logprobs" else dict(main_grad=True, grad_scale=scale)
+    loss, ref_fn = _op(name, backend, hidden, weight, labels, g, **kw)
+    (loss * scale).backward()                 # the schedule's 1 / num_microbatches
+    gh, gw = _reference_grads(ref_fn, hidden, weight)
+    assert weight.grad is None, "with main_grad=True the weight must get no .grad"
+    assert_close_verbose(hidden.grad, gh * scale, rtol=1e-5, name=f"{name} hidden.grad")
+    assert_close_verbose(weight.main_grad - prior, gw * scale, rtol=1e-5, name=f"{name} main_grad increment")
+    assert int(main_grad_mismatches("cpu")) == before
+
+
+@pytest.mark.parametrize("name", ["wsft", "dpo", "pg"])
+def test_wrong_upstream_scale_is_counted(rng_seed, name):
+    rows = 2 * B if name == "dpo" else B
+    hidden, weight, labels, g = _inputs(rng_seed, rows)
+    weight.main_grad = torch.zeros(V, H)
+    counter = main_grad_mismatches("cpu")
+    before = int(counter)
+    loss, _ = _op(name, "torch", hidden, weight, labels, g, main_grad=True, grad_scale=0.5)
+    loss.backward()                            # upstream 1.0, not the promised 0.5
+    assert int(counter) == before + 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("acc", ["param", "float32"])
+def test_dw_accumulation_modes_match_reference(rng_seed, backend, name, acc):
+    rows = 2 * B if name == "dpo" else B
+    hidden, weight, labels, g = _inputs(rng_seed, rows)
+    loss, ref_fn = _op(name, backend, hidden, weight, labels, g, dw_accumulation=acc)
+    loss.backward()
+    gh, gw = _reference_grads(ref_fn, hidden, weight)
+    assert weight.grad.dtype == weight.dtype
+    assert_close_verbose(hidden.grad, gh, rtol=1e-5, name=f"{name} hidden.grad")
+    assert_close_verbose(weight.grad, gw, rtol=1e-5, name=f"{name} weight.grad")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_bf16_weight_gets_bf16_grads_in_both_modes(rng_seed, name):
+    rows = 2 * B if name == "dpo" else B
+    for acc in ("param", "float32"):
+        hidden, weight, labels, g = _inputs(rng_seed, rows, dtype=torch.bfloat16)
+        loss, ref_fn = _op(name, "torch", hidden, weight, labels, g, dw_accumulation=acc)
+        loss.backward()
+        gh, gw = _reference_grads(ref_fn, hidden, weight)
+        assert weight.grad.dtype == torch.bfloat16 and hidden.grad.dtype == torch.bfloat16
+        assert_close_verbose(weight.grad, gw, rtol=3e-2, name=f"{name}/{acc} weight.grad")
+        assert_close_verbose(hidden.grad, gh, rtol=3e-2, name=f"{name}/{acc} hidden.grad")
+
+
+def test_grads_in_forward_backprop_once(rng_seed):
+    hidden, weight, labels, g = _inputs(rng_seed, B)
+    loss, _ = _op("wsft", "torch", hidden, weight, labels, g)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        loss.backward()
+
+
+def test_main_grad_without_buffer_is_a_clear_error(rng_seed):
+    hidden, weight, labels, g = _inputs(rng_seed, B)
+    with pytest.raises(ValueError, match="weight.main_grad"):
+        linear_logprobs(hidden, weight, labels, main_grad=True)
+    weight.main_grad = torch.zeros(V, H, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        linear_logprobs(hidden, weight, labels, main_grad=True)
+    with pytest.raises(ValueError, match="dw_accumulation"):
+        linear_logprobs(hidden, weight, labels, dw_accumulation="fp8")
+    with pytest.raises(ValueError, match="grad_scale"):
+        fused_linear_wsft_loss(hidden, weight, labels, torch.ones(B), grad_scale=0.0)
+
+
+def test_inplace_half_dlogits_match_a_separate_buffer(rng_seed):
+    """The GPU path writes bf16 dlogits over the fp32 logits' own bytes (row stride 2V);
+    run that exact kernel under the interpreter and compare with the torch twin."""
+    pytest.importorskip("triton")
+    from megatron_sz.kernels._common import make_config
+    from megatron_sz.kernels.logprobs import _dlogits_torch, _stats_torch, dlogits_triton, inplace_half
+    from megatron_sz.kernels.pg import _dlogits_torch as pg_dlogits_torch
+
+    g = torch.Generator().manual_seed(rng_seed)
+    n, v = 11, 5000                       # several 2048-wide column blocks per row
+    logits = torch.randn(n, v, generator=g) * 3
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[3] = -100
+    w = torch.zeros(v, 4)
+    cfg = make_config(hidden=torch.zeros(n, 4), weight=w, backend="triton", ignore_index=-100,
+                      temperature=0.8, tp_group=None, vocab_size=v - 7, chunk_size=None)
+    m, s, t = _stats_torch(logits, labels, cfg)
+    lse = m + torch.log(s)
+    coef = torch.randn(n, generator=g)
+    mu = torch.randn(n, generator=g)
+    ecoef = torch.randn(n, generator=g) * 0.1
+    want = _dlogits_torch(logits.clone(), labels, lse, coef, cfg, torch.float32).to(torch.bfloat16)
+    want_pg = pg_dlogits_torch(logits.clone(), labels, lse, mu, coef, ecoef, cfg, torch.float32).to(torch.bfloat16)
+    buf = logits.clone()
+    out = dlogits_triton(buf, labels, lse, coef, cfg, torch.bfloat16, gpu_blocks=False)
+    assert out.data_ptr() == buf.data_ptr() and out.stride() == (2 * v, 1) and out.shape == (n, v)
+    torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
+    buf = logits.clone()
+    out = dlogits_triton(buf, labels, lse, coef, cfg, torch.bfloat16, mu=mu, ecoef=ecoef, gpu_blocks=False)
+    torch.testing.assert_close(out.float(), want_pg.float(), atol=1e-2, rtol=1e-2)
+    assert torch.count_nonzero(out[:, v - 7:]) == 0        # padding columns stay exactly 0
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        inplace_half(logits.t(), torch.bfloat16)
