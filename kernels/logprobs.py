@@ -17,9 +17,11 @@ What is unusual here
 * **Grad-in-forward engine.** ``_Engine`` exposes ``stats`` (logits -> lse, log-probs)
   and ``grads`` (dlogits -> dX chunk, dW accumulation). The fused DPO / WSFT ops know
   their per-token coefficients inside the forward chunk loop and call both on the SAME
-  logits chunk (6NHV total). ``linear_logprobs`` serves an arbitrary upstream gradient,
-  so its backward recomputes the logits (8NHV) but reuses the saved lse (no collective
-  besides the dX all-reduce).
+  logits chunk (6NHV total). ``linear_logprobs`` serves an arbitrary upstream gradient:
+  its forward keeps the 16-bit *unit* dlogits (onehot - softmax)/T when they fit a
+  budget, and backward folds the upstream gradient into X's rows (6NHV, a quarter of
+  eager's fp32 logits + log-softmax bytes); otherwise backward recomputes the logits
+  (8NHV) and reuses the saved lse (no collective besides the dX all-reduce).
 * **fp32 where it matters, no [V, H] fp32 buffer:** logits come out of the GEMM in fp32
   and statistics are fp32. dlogits are written in 16 bits IN PLACE over the fp32 logits
   chunk (GPU), so the chunk is the op's only [rows, V] buffer. dW goes to a buffer in the
@@ -33,10 +35,14 @@ What is unusual here
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _tp
 from ._common import OpConfig, addmm_f32_, check_lm_head_inputs, make_config, mm_f32
+
+SAVE_ENV = "MEGATRON_SZ_KERNEL_SAVE_MB"
 
 try:  # Triton is optional: the torch backend works without it.
     import triton
@@ -167,11 +173,12 @@ def inplace_half(logits: torch.Tensor, out_dtype) -> torch.Tensor:
 
 
 def dlogits_triton(logits, labels, lse, coef, cfg: OpConfig, out_dtype, *, mu=None, ecoef=None,
-                   gpu_blocks: bool | None = None):
+                   gpu_blocks: bool | None = None, out: torch.Tensor | None = None):
     """Launch ``_dlogits_kernel`` (the entropy term when ``ecoef`` is given); returns the
-    dlogits, in place over ``logits``."""
+    dlogits, in place over ``logits`` unless ``out`` (a [n, v] buffer, unit column stride)
+    is given."""
     n, v = logits.shape
-    out = inplace_half(logits, out_dtype)
+    out = inplace_half(logits, out_dtype) if out is None else out
     entropy = ecoef is not None
     bn, bv, warps = _blocks("dlogits", v, logits.is_cuda if gpu_blocks is None else gpu_blocks)
     _dlogits_kernel[(triton.cdiv(n, bn),)](
@@ -183,8 +190,8 @@ def dlogits_triton(logits, labels, lse, coef, cfg: OpConfig, out_dtype, *, mu=No
 
 
 def _dlogits_triton(logits, labels, lse, coef, cfg: OpConfig, out_dtype, *,
-                    gpu_blocks: bool | None = None):
-    return dlogits_triton(logits, labels, lse, coef, cfg, out_dtype, gpu_blocks=gpu_blocks)
+                    gpu_blocks: bool | None = None, out: torch.Tensor | None = None):
+    return dlogits_triton(logits, labels, lse, coef, cfg, out_dtype, gpu_blocks=gpu_blocks, out=out)
 
 
 # =======================================================================================
@@ -215,12 +222,14 @@ def _stats_torch(logits, labels, cfg: OpConfig):
     return m, s, t
 
 
-def _dlogits_torch(logits, labels, lse, coef, cfg: OpConfig, out_dtype):
+def _dlogits_torch(logits, labels, lse, coef, cfg: OpConfig, out_dtype, *, out=None):
     p = torch.exp(_scaled_masked(logits, cfg) - lse[:, None])
     local, own = _target_index(labels, cfg)
     dz = p.neg_()
     dz.scatter_add_(1, local[:, None], own.to(dz.dtype)[:, None])
     dz.mul_((coef * cfg.inv_temp)[:, None])
+    if out is not None:
+        return out.copy_(dz)
     return dz.to(out_dtype)
 
 
@@ -363,17 +372,36 @@ class GradSink:
 # autograd + public API
 # =======================================================================================
 class LinearLogprobsFunction(torch.autograd.Function):
-    """hidden [N, H], weight [V_loc, H], labels [N] -> log-probs [N] float32."""
+    """hidden [N, H], weight [V_loc, H], labels [N] -> log-probs [N] float32.
+
+    Two backward strategies. ``save`` (when the caller wants grads and the [N, V_loc]
+    16-bit store fits the budget): forward also writes the unit dlogits
+    u = (onehot - softmax) / T of every row (the dlogits kernel with coef = 1) into that
+    store, and backward needs no logits at all: dX = diag(g) (u W), dW = u^T (diag(g) X),
+    i.e. the upstream gradient scales X's rows, not the [N, V] store. 6NHV in all, like
+    eager (which keeps fp32 logits AND log-softmax: ~8x this store's bytes). Otherwise
+    backward recomputes the logits chunk by chunk (8NHV, no [N, V] memory).
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, cfg: OpConfig):
+    def forward(ctx, hidden, weight, labels, cfg: OpConfig, save: bool):
         eng = _Engine(weight, cfg)
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
+        store = None
+        if save and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            store = torch.empty(n, weight.shape[0], dtype=eng.dz_dtype, device=hidden.device)
+        unit = torch.ones(min(n, cfg.chunk_rows), dtype=torch.float32, device=hidden.device)
         for sl in chunk_slices(n, cfg.chunk_rows):
-            _, lse[sl], logp[sl] = eng.stats(hidden[sl], labels[sl])
+            logits, lse[sl], logp[sl] = eng.stats(hidden[sl], labels[sl])
+            if store is not None:
+                y_c = labels[sl]
+                coef = torch.where(y_c != cfg.ignore_index, unit[:y_c.shape[0]], torch.zeros_like(lse[sl]))
+                eng._dlogits(logits, y_c, lse[sl], coef, cfg, eng.dz_dtype, out=store[sl])
+            del logits
         ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.store = store
         ctx.cfg = cfg
         return logp
 
@@ -385,19 +413,36 @@ class LinearLogprobsFunction(torch.autograd.Function):
         sink = GradSink(hidden, weight, cfg, want_dx=ctx.needs_input_grad[0],
                         want_dw=ctx.needs_input_grad[1], in_forward=False)
         g = grad_logp.float()
+        store, ctx.store = ctx.store, None
         for sl in chunk_slices(hidden.shape[0], cfg.chunk_rows):
             x_c = hidden[sl]
-            eng.grads(eng.logits(x_c), lse[sl], labels[sl], g[sl], x_c,
-                      dx_out=None if sink.dx is None else sink.dx[sl], sink=sink)
+            dx_c = None if sink.dx is None else sink.dx[sl]
+            if store is None:
+                eng.grads(eng.logits(x_c), lse[sl], labels[sl], g[sl], x_c, dx_out=dx_c, sink=sink)
+                continue
+            u = store[sl]
+            if dx_c is not None:
+                dx_c.copy_(mm_f32(u, eng.w) * g[sl, None])
+            sink.add_dw(u, (x_c.float() * g[sl, None]).to(u.dtype))
+        del store
         sink.finish()
-        return sink.dx, None if sink.to_main_grad else sink.dw, None, None
+        return sink.dx, None if sink.to_main_grad else sink.dw, None, None, None
+
+
+def _save_budget_bytes(device: torch.device) -> float:
+    default_mb = 4096 if device.type == "cuda" else 64
+    try:
+        mb = float(os.environ.get(SAVE_ENV, default_mb))
+    except ValueError:
+        raise ValueError(f"{SAVE_ENV} must be a number of MiB, got {os.environ.get(SAVE_ENV)!r}") from None
+    return mb * 2**20
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                     ignore_index: int = -100, tp_group=None, temperature: float = 1.0,
                     vocab_size: int | None = None, backend: str = "auto",
                     chunk_size: int | None = None, main_grad: bool = False,
-                    dw_accumulation: str = "param") -> torch.Tensor:
+                    dw_accumulation: str = "param", recompute: bool | None = None) -> torch.Tensor:
     """Per-token log-probs of ``labels`` under the (vocab-parallel) LM head, float32.
 
     hidden: [..., H] (usually [N, H]); weight: this rank's shard [V/tp, H] (rank r holds
@@ -412,6 +457,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     tensor at all). ``dw_accumulation``: "param" (default; dW accumulated in the weight's
     dtype, as Liger does) or "float32" (an fp32 accumulator cast once at the end).
     Without grad (reference / old log-prob passes) the cost is one logits GEMM, 2NHV.
+    ``recompute``: False keeps the 16-bit unit dlogits [N, V/tp] from forward (6NHV in all,
+    ahead of eager), True recomputes the logits in backward (8NHV, no [N, V] memory);
+    None (default) keeps them when they fit $MEGATRON_SZ_KERNEL_SAVE_MB (default 4096 MiB
+    on GPUs, 64 on CPU).
     """
     check_lm_head_inputs(hidden, weight, labels, lead_shape_name="hidden.shape[:-1]")
     cfg = make_config(hidden=hidden, weight=weight, backend=backend, ignore_index=ignore_index,
@@ -420,7 +469,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     lead = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = labels.reshape(-1).to(torch.int64).contiguous()
-    out = LinearLogprobsFunction.apply(h2, weight, y, cfg)
+    if recompute is None:
+        elt = 2 if (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)) else 4
+        recompute = h2.shape[0] * weight.shape[0] * elt > _save_budget_bytes(hidden.device)
+    out = LinearLogprobsFunction.apply(h2, weight, y, cfg, not recompute)
     return out.reshape(lead)
 
 

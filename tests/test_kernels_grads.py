@@ -184,3 +184,40 @@ def test_inplace_half_dlogits_match_a_separate_buffer(rng_seed):
     assert torch.count_nonzero(out[:, v - 7:]) == 0        # padding columns stay exactly 0
     with pytest.raises(ValueError, match="contiguous fp32"):
         inplace_half(logits.t(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("main_grad", [False, True])
+def test_linear_logprobs_saved_and_recomputed_backward_match_reference(rng_seed, backend, recompute,
+                                                                       main_grad):
+    hidden, weight, labels, g = _inputs(rng_seed, B)
+    if main_grad:
+        weight.main_grad = torch.zeros(V, H)
+    up = torch.randn(labels.shape, generator=g)
+    lp = linear_logprobs(hidden, weight, labels, backend=backend, chunk_size=CHUNK, temperature=0.7,
+                         vocab_size=V - 5, recompute=recompute, main_grad=main_grad)
+    (lp * up).sum().backward()
+    gh, gw = _reference_grads(
+        lambda h, w: (ref_linear_logprobs(h, w, labels, temperature=0.7, vocab_size=V - 5) * up.double()).sum(),
+        hidden, weight)
+    assert_close_verbose(hidden.grad, gh, rtol=1e-5, name="hidden.grad")
+    assert_close_verbose(weight.main_grad if main_grad else weight.grad, gw, rtol=1e-5, name="dW")
+
+
+def test_linear_logprobs_default_saves_within_budget(rng_seed, monkeypatch):
+    """The default keeps the [N, V] store only under $MEGATRON_SZ_KERNEL_SAVE_MB."""
+    from megatron_sz.kernels import logprobs as lpm
+
+    seen = []
+    real = lpm.LinearLogprobsFunction.apply
+    monkeypatch.setattr(lpm.LinearLogprobsFunction, "apply",
+                        lambda *a: seen.append(a[-1]) or real(*a))
+    hidden, weight, labels, g = _inputs(rng_seed, B)
+    linear_logprobs(hidden, weight, labels).sum().backward()
+    monkeypatch.setenv("MEGATRON_SZ_KERNEL_SAVE_MB", "0.001")
+    linear_logprobs(hidden, weight, labels).sum().backward()
+    assert seen == [True, False]
+    monkeypatch.setenv("MEGATRON_SZ_KERNEL_SAVE_MB", "lots")
+    with pytest.raises(ValueError, match="MEGATRON_SZ_KERNEL_SAVE_MB"):
+        linear_logprobs(hidden, weight, labels)

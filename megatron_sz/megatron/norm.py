@@ -74,3 +74,80 @@ def replace_torch_norms(spec):
 
     walk(spec)
     return spec
+
+
+def use_torch_norms() -> bool:
+    """``MEGATRON_SZ_TORCH_NORMS=1`` keeps Megatron's fp32-weight torch norms (the state
+    before issue 18), so a benchmark can measure what the fused bf16 norms are worth."""
+    import os
+
+    return os.environ.get("MEGATRON_SZ_TORCH_NORMS", "0") not in ("", "0")
+
+
+def bench(argv: list[str] | None = None) -> int:
+    """Time ``F.rms_norm`` forward+backward with an fp32 weight (Megatron's torch norm in a
+    bf16 model: unfused) against a weight in the activations' dtype (ours: fused), and
+    append CSV rows (shape, dtype, weight dtype, median ms, device, date, commit)."""
+    import argparse
+    import csv
+    import datetime as dt
+    import statistics
+    import subprocess
+    import time
+    import warnings
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(prog="python -m megatron_sz.megatron.norm",
+                                 description=bench.__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=None, help="rows (default 16384 GPU, 256 CPU)")
+    ap.add_argument("--hidden", type=int, default=None, help="width (default 2048 GPU, 64 CPU)")
+    ap.add_argument("--reps", type=int, default=None, help="timed reps (default 50 GPU, 3 CPU)")
+    ap.add_argument("--csv", default=None, help="CSV to append to (default: print only)")
+    args = ap.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    dev = torch.device("cuda" if gpu else "cpu")
+    n, h = args.tokens or (16384 if gpu else 256), args.hidden or (2048 if gpu else 64)
+    reps = args.reps or (50 if gpu else 3)
+    act = torch.bfloat16
+    x = torch.randn(n, h, device=dev, dtype=act, requires_grad=True)
+    g = torch.randn(n, h, device=dev, dtype=act)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    rows = []
+    for wdt in (torch.float32, act):
+        w = torch.ones(h, device=dev, dtype=wdt, requires_grad=True)
+        times = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(reps + 5):
+                x.grad = w.grad = None
+                if gpu:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                F.rms_norm(x, (h,), w, 1e-6).backward(g)
+                if gpu:
+                    torch.cuda.synchronize()
+                if i >= 5:
+                    times.append((time.perf_counter() - t0) * 1e3)
+        rows.append({"op": "rms_norm", "shape": f"N={n},H={h}", "activations": "bf16",
+                     "weight": str(wdt).replace("torch.", ""), "ms_p50": round(statistics.median(times), 4),
+                     "device": torch.cuda.get_device_name() if gpu else "cpu",
+                     "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit})
+        print(rows[-1])
+    if args.csv:
+        p = Path(args.csv)
+        new = not p.exists()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a", newline="") as fh:
+            wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            if new:
+                wr.writeheader()
+            wr.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(bench())

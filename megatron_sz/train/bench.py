@@ -17,6 +17,7 @@ import argparse
 import csv
 import datetime as _dt
 import json
+import math
 import os
 import random
 import statistics
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     ap.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"], help="activation recompute")
+    ap.add_argument("--lengths", default="fixed", choices=["fixed", "mixed"],
+                    help="fixed: every completion fills --seq; mixed: completion lengths drawn from a "
+                         "log-normal (median --seq/8, capped at --seq/2), like real SFT/DPO data")
+    ap.add_argument("--batching", default="length_sorted", choices=["length_sorted", "packed"],
+                    help="the job's train.batching (packed: several sequences per row)")
+    ap.add_argument("--label", default="", help="free text stored in the CSV row (e.g. an A/B arm)")
     ap.add_argument("--out", default=None, help="work dir (default: a temp dir)")
     ap.add_argument("--csv", default="train_bench.csv", help="CSV file the result row is appended to")
     args = ap.parse_args(argv)
@@ -69,12 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     def digits(n):
         return "".join(rng.choice("0123456789") for _ in range(n))
 
+    def length():
+        if args.lengths == "fixed":
+            return half
+        return max(4, min(half, int(rng.lognormvariate(math.log(max(4, args.seq // 8)), 0.8))))
+
     n_items = args.global_batch * args.steps
-    recs = [JOBS[args.job].synthetic(lambda: digits(half), i) for i in range(n_items)]
+    recs = [JOBS[args.job].synthetic(lambda: digits(length()), i) for i in range(n_items)]
     data = work / "data.jsonl"
     write_jsonl(data, recs)
     train = {"max_length": args.seq, "micro_batch_size": args.micro_batch, "global_batch_size": args.global_batch,
-             "export_hf": False, "pad_to_multiple_of": 64, "optim": {"lr": 1e-5}}
+             "export_hf": False, "pad_to_multiple_of": 64, "optim": {"lr": 1e-5}, "batching": args.batching}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     job = JOBS[args.job]
     recipe = T.write_recipe(work / "bench.yaml", config=cfg, tokenizer=str(work / "tok"), sections={
@@ -95,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     row = {"job": args.job, "model": args.model, "tp": args.tp, "pp": args.pp, "dp": res.summary["layout"]["dp"],
            "seq": args.seq, "micro_batch": args.micro_batch, "global_batch": args.global_batch,
-           "recompute": args.recompute, "step_s_p50": round(step_s, 4), "tokens_per_s_p50": round(tps, 1),
+           "recompute": args.recompute, "lengths": args.lengths, "batching": args.batching,
+           "label": args.label, "step_s_p50": round(step_s, 4), "tokens_per_s_p50": round(tps, 1),
            "mfu_p50": None if mfu is None else round(mfu, 4), "device": device,
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     new = not Path(args.csv).exists()
