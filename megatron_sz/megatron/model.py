@@ -141,10 +141,12 @@ def layer_spec(arch: ModelShape):
 
     if have_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    from megatron_sz.megatron.norm import replace_torch_norms
+    from megatron_sz.megatron.norm import replace_torch_norms, use_torch_norms
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = FusedCoreAttention
+    if use_torch_norms():  # benchmark A/B only: Megatron's fp32-weight norms, unfused in bf16
+        return spec
     return replace_torch_norms(spec)  # norms in the model dtype, so bf16 norms run fused
 
 
@@ -152,13 +154,13 @@ def block_spec(arch: ModelShape, config: Any, vp_stage: int | None = None):
     """What ``GPTModel`` gets as its layer spec: TE's layer spec as it is, or, for the local
     spec, the whole block with megatron_sz's ``RMSNorm`` as the final norm too (Megatron
     would fill in its fp32-weight torch norm there)."""
+    from megatron_sz.megatron.norm import RMSNorm, use_torch_norms
+
     spec = layer_spec(arch)
-    if have_transformer_engine():
+    if have_transformer_engine() or use_torch_norms():
         return spec
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
-
-    from megatron_sz.megatron.norm import RMSNorm
 
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
                                       layer_norm=RMSNorm)
