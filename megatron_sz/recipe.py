@@ -168,6 +168,9 @@ class TrainSpec:
     epochs: int = 1
     max_steps: int | None = None
     batching: Literal["length_sorted", "packed", "none"] = "length_sorted"
+    # packed: tokens per packed row (one row = one micro-batch; several items per row, each
+    # attending only within itself). None: max_length per sequence of an item (DPO: 2x).
+    pack_length: int | None = None
     overlong: Literal["truncate", "drop"] = "truncate"
     save_interval: int = 0  # 0: only at the end (and on preemption)
     log_interval: int = 1
@@ -197,6 +200,13 @@ class TrainSpec:
             raise ValueError("fields 'epochs' and 'max_steps' must be >= 1")
         if self.sort_window < 1 or self.pad_to_multiple_of < 1:
             raise ValueError("fields 'sort_window' and 'pad_to_multiple_of' must be >= 1")
+        if self.pack_length is not None:
+            if self.batching != "packed":
+                raise ValueError("field 'pack_length' is only used with batching: packed; remove it or set "
+                                 "batching: packed")
+            if self.pack_length < self.max_length:
+                raise ValueError(f"field 'pack_length' ({self.pack_length}) must be >= max_length "
+                                 f"({self.max_length}): an item must fit one packed row")
 
 
 @dataclass

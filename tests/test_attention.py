@@ -1,5 +1,6 @@
 """Fused (SDPA) core attention vs an unfused float64 computation: causal, GQA, explicit
-masks, right padding without a mask, and packed sequences vs the same sequences unpacked."""
+masks, right padding without a mask, and packed sequences vs the same sequences unpacked,
+as one 4-D row and in Megatron's 3-D THD layout ([t, heads, dim] -> [t, heads * dim])."""
 import math
 import types
 
@@ -86,6 +87,36 @@ def test_packed_sequences_attend_within_their_document(rng_seed):
     with pytest.raises(ValueError, match="one row"):
         _attn()(q.expand(total, 2, 4, 8), k.expand(total, 2, 2, 8), v.expand(total, 2, 2, 8), None,
                 packed_seq_params=psp)
+
+
+@pytest.mark.parametrize("h,g", [(4, 2), (4, 4), (6, 1)])
+def test_thd_packed_3d_matches_unpacked(rng_seed, h, g):
+    """Megatron's THD path squeezes the batch dim: 3-D inputs, [t, h*d] out; a padding tail of
+    its own segments stays finite and leaves the real documents alone; gradients flow."""
+    from megatron_sz.megatron.attention import packed_seq_params
+
+    gen = torch.Generator().manual_seed(rng_seed)
+    lens = [4, 1, 6, 3, 2, 2]  # the last two: padding segments
+    total = sum(lens)
+    q, k, v = (x[:, 0].requires_grad_() for x in _qkv(total, 1, h, g, 8, gen))
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    psp = packed_seq_params(cu, max(lens))
+    assert psp.cu_seqlens_q.device.type == "cpu" and psp.qkv_format == "thd"
+    got = _attn(h, g)(q, k, v, None, packed_seq_params=psp)
+    assert got.shape == (total, h * 8) and torch.isfinite(got).all()
+    start = 0
+    for n in lens:
+        sl = slice(start, start + n)
+        alone = _unfused(q[sl, None], k[sl, None], v[sl, None], torch.ones(n, n, dtype=torch.bool).tril())[:, 0]
+        torch.testing.assert_close(got[sl].double(), alone, atol=2e-6, rtol=1e-5)
+        start += n
+    got[:4].sum().backward()  # the first document's output depends on its own keys only
+    assert k.grad[4:].abs().max() == 0 and k.grad[:4].abs().max() > 0
+    with pytest.raises(ValueError, match="packed_seq_params"):
+        _attn(h, g)(q, k, v, None)
+    short = packed_seq_params(cu[:-1], max(lens))
+    with pytest.raises(ValueError, match="padding tail"):
+        _attn(h, g)(q, k, v, None, packed_seq_params=short)
 
 
 def test_local_spec_never_uses_unfused_attention():

@@ -19,6 +19,9 @@ What is unusual here:
 * **Labels are pre-shifted**: ``labels[t]`` is the target of position ``t`` (the next
   token), ``IGNORE`` on prompt, padding and the last position. The fused losses and
   ``linear_logprobs`` consume hidden states and these labels as they are.
+* **Packed batching** (``batching: packed``, ``train/packing.py``): a step holds the same
+  items as the plan says, dealt to DP ranks by tokens and packed into rows of
+  ``pack_length`` tokens; one row is one micro-batch (``BatchPlan.microbatches``).
 * Overlong examples are truncated (the completion's tail first, then the prompt's head)
   or dropped, by policy, and every case is counted in ``TokenizeStats``.
 """
@@ -202,21 +205,39 @@ class BatchPlan:
     dp: int
     dropped_tail: int = 0
     fingerprint: str = ""
+    pack_length: int | None = None  # packed batching: row capacity in tokens; None: not packed
+    sizes: list[int] = field(default_factory=list)  # packed batching: Item.num_tokens of every item
 
     @property
     def total_steps(self) -> int:
         return len(self.steps)
 
     def microbatches(self, step: int, dp_rank: int) -> list[list[int]]:
-        """This DP rank's micro-batches of ``step``: micro-batch j goes to rank j % dp."""
+        """This DP rank's micro-batches of ``step``: micro-batch j goes to rank j % dp.
+        Packed: the step's items dealt to ranks by tokens, this rank's share cut into rows of
+        ``pack_length`` tokens (``packing.rank_rows``), one row per micro-batch."""
         ids = self.steps[step]
+        if self.pack_length is not None:
+            from megatron_sz.train.packing import rank_rows
+
+            rows = rank_rows([self.sizes[i] for i in ids], dp=self.dp, dp_rank=dp_rank, capacity=self.pack_length)
+            return [[ids[j] for j in row] for row in rows]
         mbs = [ids[i:i + self.micro_batch_size] for i in range(0, len(ids), self.micro_batch_size)]
         return mbs[dp_rank::self.dp]
 
 
 def make_plan(items: list[Item], *, global_batch_size: int, micro_batch_size: int, dp: int,
               epochs: int, max_steps: int | None, seed: int, batching: str,
-              sort_window: int = 8) -> BatchPlan:
+              sort_window: int = 8, pack_length: int | None = None) -> BatchPlan:
+    """``pack_length`` (packed batching only): the row capacity in tokens; every item must fit."""
+    if batching == "packed":
+        if pack_length is None:
+            raise ValueError("batching 'packed' needs pack_length")
+        from megatron_sz.train.packing import check_capacity
+
+        check_capacity([it.num_tokens for it in items], pack_length)
+    else:
+        pack_length = None
     if global_batch_size % (micro_batch_size * dp):
         raise LayoutError(
             f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
@@ -257,9 +278,11 @@ def make_plan(items: list[Item], *, global_batch_size: int, micro_batch_size: in
     if max_steps is not None:
         steps = steps[:max_steps]
     plan = BatchPlan(steps=steps, global_batch_size=global_batch_size,
-                     micro_batch_size=micro_batch_size, dp=dp, dropped_tail=dropped_tail)
+                     micro_batch_size=micro_batch_size, dp=dp, dropped_tail=dropped_tail, pack_length=pack_length,
+                     sizes=[it.num_tokens for it in items] if pack_length is not None else [])
+    packed = f"/{pack_length}" if pack_length is not None else ""
     plan.fingerprint = fingerprint(items, extra=f"{global_batch_size}/{micro_batch_size}/{dp}/"
-                                   f"{epochs}/{max_steps}/{seed}/{batching}/{sort_window}")
+                                   f"{epochs}/{max_steps}/{seed}/{batching}/{sort_window}{packed}")
     return plan
 
 
@@ -286,21 +309,38 @@ def fingerprint(items: list[Item], *, extra: str = "") -> str:
 
 @dataclass
 class MicroBatch:
-    """Tensors of one micro-batch. For DPO, rows [0, B) are chosen and [B, 2B) rejected."""
+    """Tensors of one micro-batch. For DPO, rows [0, B) are chosen and [B, 2B) rejected.
 
-    input_ids: Any  # LongTensor [rows, T]
-    position_ids: Any  # LongTensor [rows, T]
-    labels: Any  # LongTensor [rows, T], IGNORE where no loss
+    Packed (``packing.collate_packed``): ``input_ids`` / ``position_ids`` are one row
+    ``[1, T]`` (THD), ``cu_seqlens`` / ``max_seqlen`` its sequence boundaries, and
+    ``unpack_index`` ``[R, T_row]`` maps the row-wise layout that ``labels``, ``extras``,
+    ``weights`` and ``item_index`` are in (exactly ``collate``'s) to packed positions."""
+
+    input_ids: Any  # LongTensor [rows, T] ([1, T] packed)
+    position_ids: Any  # LongTensor [rows, T] ([1, T] packed, restarting at 0 per sequence)
+    labels: Any  # LongTensor [rows, T], IGNORE where no loss (packed: row-wise [R, T_row])
     weights: Any  # FloatTensor [B] (items)
     item_index: Any  # LongTensor [B]: Item.index, to look up reference log-probs
     num_items: int
     num_tokens: int  # real (non-pad) tokens
     extras: dict = field(default_factory=dict)
+    cu_seqlens: Any = None  # packed: int32 [S+1] on the host (the padding tail is its own segment(s))
+    max_seqlen: int | None = None  # packed: longest segment
+    unpack_index: Any = None  # packed: LongTensor [R, T_row], T (one past the row) at pads
+    cu_seqlens_device: Any = None  # packed: cu_seqlens on the compute device (set by ``to``)
+    loss_scale: float = 1.0  # the step engine's factor on this micro-batch's loss (packed batching)
+
+    @property
+    def packed(self) -> bool:
+        return self.unpack_index is not None
 
     def to(self, device: Any) -> "MicroBatch":
         for name in ("input_ids", "position_ids", "labels", "weights", "item_index"):
             setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         self.extras = {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in self.extras.items()}
+        if self.unpack_index is not None:
+            self.unpack_index = self.unpack_index.to(device, non_blocking=True)
+            self.cu_seqlens_device = self.cu_seqlens.to(device, non_blocking=True)
         return self
 
 

@@ -298,8 +298,13 @@ def _setting(kind: str, job: JobSpec, recipe: Any, out: Path) -> _Setting:
         raise RecipeError("virtual (interleaved) pipeline stages are not supported by the training jobs yet",
                           where="parallel.virtual_pp", fix="remove virtual_pp (1F1B without interleaving is used)")
     if spec.batching == "packed":
-        raise RecipeError("batching: packed is not implemented for the training jobs yet",
-                          where="train.batching", fix="use length_sorted (pads each micro-batch only to its longest item)")
+        per_item = job.objective_class().rows_per_item
+        need = spec.max_length * per_item
+        if spec.pack_length is not None and spec.pack_length < need:
+            pairs = " (a DPO pair's chosen and rejected share a row: 2 x max_length)" if per_item > 1 else ""
+            raise RecipeError(f"pack_length {spec.pack_length} is shorter than the longest item, {need} tokens{pairs}",
+                              where=f"{job.role}.{job.section}.pack_length",
+                              fix=f"set pack_length >= {need}, or leave it unset ({need})")
     seed = spec.seed if spec.seed is not None else recipe.seed
     on_gpu = torch.cuda.is_available() and recipe.device != "cpu"
     rank, world = dist.init_from_env()
@@ -366,11 +371,24 @@ def _load_data(s: _Setting, tok: Any, data_path: Path, eval_path: Any, max_steps
     # The plan holds positions into ``train``; Item.index stays the global id.
     plan = make_plan(train, global_batch_size=spec.global_batch_size, micro_batch_size=spec.micro_batch_size,
                      dp=info.dp, epochs=spec.epochs, max_steps=max_steps or spec.max_steps, seed=s.seed,
-                     batching=spec.batching, sort_window=spec.sort_window)
+                     batching=spec.batching, sort_window=spec.sort_window, pack_length=pack_length(s))
+    mb = (f"packed rows of {plan.pack_length} tokens" if plan.pack_length is not None
+          else f"micro-batch {spec.micro_batch_size}")
     log(f"{s.kind}: {len(train)} train / {len(held)} held-out items, {plan.total_steps} steps of "
-        f"{spec.global_batch_size} (micro-batch {spec.micro_batch_size}, tp={info.tp} pp={info.pp} dp={info.dp})",
+        f"{spec.global_batch_size} ({mb}, tp={info.tp} pp={info.pp} dp={info.dp})",
         rank=s.rank)
     return _Data(items=items, train=train, held=held, stats=stats, plan=plan)
+
+
+def pack_length(s: _Setting) -> int | None:
+    """The packed-row capacity in tokens (None unless ``batching: packed``): ``pack_length``, or
+    by default ``max_length`` per sequence of an item (a DPO pair: 2 x max_length)."""
+    spec = s.spec
+    if spec.batching != "packed":
+        return None
+    if spec.pack_length is not None:
+        return spec.pack_length
+    return spec.max_length * s.job.objective_class().rows_per_item
 
 
 @dataclass
@@ -432,7 +450,8 @@ def _engine(s: _Setting, model: _Model, data: _Data, ref_path: str | None, *, pa
     from megatron_sz.train.loop import StepEngine
 
     engine_kw = dict(chunks=model.chunks, optimizer=model.optimizer, info=s.info, pad_id=pad_id,
-                     pad_to_multiple_of=s.spec.pad_to_multiple_of, device=s.device)
+                     pad_to_multiple_of=s.spec.pad_to_multiple_of, device=s.device,
+                     packed=data.plan.pack_length is not None, pack_length=data.plan.pack_length)
     kw = dict(tp_group=s.info.tp_group, vocab_size=model.vocab)
     ref_table = None
     if s.job.uses_reference(s.spec):
@@ -493,8 +512,9 @@ def _steps(s: _Setting, start: _Start, model: _Model, data: _Data, engine: Any, 
             os.kill(os.getpid(), signal.SIGTERM)
         lr = lr_for(p.step, total_steps=total, optim=spec.optim)
         groups = [[data.train[i] for i in g] for g in plan.microbatches(p.step, info.dp_rank)]
+        step_items = [data.train[i] for i in plan.steps[p.step]]
         try:
-            res = engine.train_step(groups, lr=lr, preempt_requested=guard.requested)
+            res = engine.train_step(groups, lr=lr, preempt_requested=guard.requested, step_items=step_items)
         except UserError as err:
             raise type(err)(f"step {p.step + 1}/{total}: {err}") from None
         p.step += 1
@@ -551,13 +571,21 @@ def _chunks_of(items: list, n: int) -> list[list]:
     return [items[i:i + n] for i in range(0, len(items), n)]
 
 
-def _my_groups(items: list, spec: Any, info: Any) -> list[list[list]]:
+def _my_groups(items: list, spec: Any, info: Any, capacity: int | None = None) -> list[list[list]]:
     """Forward-only passes: global-batch-sized chunks, micro-batches dealt round-robin to DP ranks.
 
     Every DP rank gets the same number of micro-batch slots per chunk (an empty slot
-    is skipped); PP stages of one DP rank see the same micro-batches."""
+    is skipped); PP stages of one DP rank see the same micro-batches. Packed
+    (``capacity``): each chunk's items dealt to DP ranks by tokens and packed into rows, as
+    in training (``packing.rank_rows``)."""
+    from megatron_sz.train.packing import rank_rows
+
     out = []
     for chunk in _chunks_of(items, spec.global_batch_size):
+        if capacity is not None:
+            rows = rank_rows([it.num_tokens for it in chunk], dp=info.dp, dp_rank=info.dp_rank, capacity=capacity)
+            out.append([[chunk[j] for j in row] for row in rows])
+            continue
         mbs = _chunks_of(sorted(chunk, key=lambda it: it.length), spec.micro_batch_size)
         out.append(mbs[info.dp_rank::info.dp])
     return out
@@ -572,7 +600,7 @@ def _eval(engine: Any, objective: Any, held: list, spec: Any, info: Any) -> dict
         d["items"] = float(mb.num_items)
         return d
 
-    for groups in _my_groups(held, spec, info):
+    for groups in _my_groups(held, spec, info, engine.pack_length if engine.packed else None):
         sums = engine.forward_only(groups, fn, keys)
         for k in keys:
             total[k] += sums[k]
@@ -605,7 +633,7 @@ def _reference_logps(items: list, *, out: Path, ref_path: str | None, start: int
     t0 = time.perf_counter()
     width = objective.reference_width(items)
     table = torch.zeros(len(items), width, dtype=torch.float32, device=engine.device)
-    for groups in _my_groups(items, spec, info):
+    for groups in _my_groups(items, spec, info, engine.pack_length if engine.packed else None):
         for mb, rows in engine.forward_collect(
                 groups, lambda h, w, mb: objective.reference_rows(h, w, mb, spec=spec, **kw)):
             if info.reports:

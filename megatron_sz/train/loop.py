@@ -21,6 +21,18 @@ Loss scaling: the objective returns its micro-batch loss as a mean over the micr
 items; the schedule divides by the number of micro-batches and DP averages, so the
 gradient is that of the mean over the global batch (all micro-batches hold
 ``micro_batch_size`` items: ``data.make_plan`` guarantees it).
+
+Packed batching (``packed=True``, ``train/packing.py``): one micro-batch is one packed
+row ``[1, T]`` run in Megatron's THD layout (``PackedSeqParams`` from its ``cu_seqlens``),
+and micro-batches hold different numbers of items. Megatron's schedule divides each
+micro-batch's loss by ``num_microbatches`` (``calculate_per_token_loss`` is off) and DDP
+scales gradients by ``1/dp`` before summing (``average_in_collective`` off: its
+``gradient_scaling_factor``), so each micro-batch's loss is multiplied by
+``units_mb * num_microbatches * dp / units_step`` where units are what the objective
+averages over (``Objective.loss_units``: items, or target tokens for a token mean): the
+gradient is then the mean over the step's global batch, whatever the packing. Statistic
+sums are not scaled. On the last stage ``_loss_func`` gathers the packed hidden states
+into the row-wise layout (``packing.unpack_rows``) so the objectives run unchanged.
 """
 from __future__ import annotations
 
@@ -35,6 +47,7 @@ import torch
 from megatron_sz.errors import UserError
 from megatron_sz.megatron import training as mt
 from megatron_sz.train.data import Item, MicroBatch, collate, padded_length
+from megatron_sz.train.packing import collate_packed, unpack_rows
 
 
 class NonFiniteLoss(UserError):
@@ -51,7 +64,8 @@ class StepResult:
 
 class StepEngine:
     def __init__(self, *, chunks: list, objective: Any, optimizer: mt.TrainOptimizer | None,
-                 info: mt.ParallelInfo, pad_id: int, pad_to_multiple_of: int, device: torch.device):
+                 info: mt.ParallelInfo, pad_id: int, pad_to_multiple_of: int, device: torch.device,
+                 packed: bool = False, pack_length: int | None = None):
         from megatron_sz.megatron import forward_hidden, lm_head_weight
 
         self.chunks = chunks
@@ -61,6 +75,10 @@ class StepEngine:
         self.pad_id = pad_id
         self.pad_mult = pad_to_multiple_of
         self.device = device
+        self.packed = packed
+        self.pack_length = pack_length
+        if packed and pack_length is None:
+            raise ValueError("packed batching needs pack_length")
         self._forward_hidden = forward_hidden
         self._lm_head_weight = lm_head_weight
         self.fb = mt.get_forward_backward_func()
@@ -69,6 +87,12 @@ class StepEngine:
     def _collate(self, groups: list[list[Item]]) -> tuple[list[MicroBatch], int]:
         if not groups:
             return [], 0
+        if self.packed:
+            # Under pipeline parallelism every row is padded to the capacity (one p2p shape).
+            cap = self.pack_length if self.info.pp > 1 else None
+            mbs = [collate_packed(g, pad_id=self.pad_id, capacity=cap, pad_to_multiple_of=self.pad_mult).to(self.device)
+                   for g in groups]
+            return mbs, max(mb.input_ids.shape[1] for mb in mbs)
         seq_len = None
         if self.info.pp > 1:
             seq_len = padded_length(max(it.length for g in groups for it in g), self.pad_mult)
@@ -79,13 +103,21 @@ class StepEngine:
     def _forward_step(self, fn: Callable, data_iterator, model):
         mb = next(data_iterator)
         ids = mb.input_ids if self.info.is_first_stage else None
-        hidden = self._forward_hidden(model, ids, mb.position_ids)
+        psp = None
+        if mb.packed:
+            from megatron_sz.megatron.attention import packed_seq_params
+
+            psp = packed_seq_params(mb.cu_seqlens, mb.max_seqlen)
+            psp.cu_seqlens_device = mb.cu_seqlens_device
+        hidden = self._forward_hidden(model, ids, mb.position_ids, packed_seq_params=psp)
         if not self.info.is_last_stage:
             return hidden, None
         return hidden, partial(self._loss_func, fn, mb, model)
 
     def _loss_func(self, fn: Callable, mb: MicroBatch, model, output: torch.Tensor):
         hidden = output.transpose(0, 1)  # [s, b, h] -> [b, s, h]
+        if mb.packed:  # [1, T, H] packed row -> [R, T_row, H] in collate's row-wise layout
+            hidden = unpack_rows(hidden, mb.unpack_index)
         weight = self._lm_head_weight(model)
         return fn(hidden, weight, mb)
 
@@ -113,7 +145,19 @@ class StepEngine:
         return vec.tolist()
 
     # ------------------------------------------------------------------ public
-    def train_step(self, groups: list[list[Item]], *, lr: float, preempt_requested: bool) -> StepResult:
+    def _scale_packed(self, mbs: list[MicroBatch], groups: list[list[Item]], step_items: list[Item] | None) -> None:
+        """Each packed micro-batch's loss factor (module docstring): its share of the step's
+        loss units, times num_microbatches * dp (which the schedule and DDP divide by)."""
+        if step_items is None:
+            raise ValueError("packed train_step needs step_items (all items of the step, every DP rank's)")
+        units = self.objective.loss_units
+        total = sum(units(step_items))
+        for mb, g in zip(mbs, groups):
+            mb.loss_scale = (sum(units(g)) * len(mbs) * self.info.dp / total) if total > 0 else 0.0
+
+    def train_step(self, groups: list[list[Item]], *, lr: float, preempt_requested: bool,
+                   step_items: list[Item] | None = None) -> StepResult:
+        """``step_items``: every item of the step (all DP ranks'), needed by packed batching."""
         t0 = time.perf_counter()
         opt = self.optimizer
         for c in self.chunks:
@@ -122,11 +166,15 @@ class StepEngine:
         mbs, seq_len = self._collate(groups)
         n_items = sum(mb.num_items for mb in mbs)
         n_tokens = sum(mb.num_tokens for mb in mbs)
+        if self.packed:
+            self._scale_packed(mbs, groups, step_items)
 
         def fn(hidden, weight, mb):
             loss, stats = self.objective.train_loss(hidden, weight, mb)
             stats = dict(stats)
             stats["nonfinite"] = (~torch.isfinite(loss.detach())).float()
+            if mb.loss_scale != 1.0:
+                loss = loss * mb.loss_scale
             return loss, stats
 
         # The schedule ran Megatron's finalize_model_grads after the last backward.

@@ -62,6 +62,13 @@ class Objective:
     def train_loss(self, hidden: torch.Tensor, weight: torch.Tensor, mb: Any) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
+    def loss_units(self, items: list) -> list[float]:
+        """What ``train_loss`` averages over, per item: 1 per item (the loss is a mean over the
+        micro-batch's items), or its target tokens for a token mean. Packed micro-batches hold
+        different amounts of it; the step engine weights each micro-batch's loss by its share
+        of the global batch's units, so the step's gradient is the global-batch mean."""
+        return [1.0] * len(items)
+
     def eval_stats(self, hidden: torch.Tensor, weight: torch.Tensor, mb: Any) -> dict:
         """NLL per target token on held-out data (SFT and WSFT; unweighted)."""
         logp, n = sequence_logps(hidden, weight, mb.labels, tp_group=self.tp_group, vocab_size=self.vocab_size)
@@ -78,6 +85,11 @@ class SFTObjective(Objective):
     @classmethod
     def for_job(cls, spec, *, ref_logps, tp_group, vocab_size):
         return cls(normalization=spec.normalization, tp_group=tp_group, vocab_size=vocab_size)
+
+    def loss_units(self, items):
+        if self.normalization == "token":  # Σ w·nll / (the micro-batch's target tokens)
+            return [float(sum(s.num_targets for s in it.seqs)) for it in items]
+        return [1.0] * len(items)
 
     def train_loss(self, hidden, weight, mb):
         loss = _kernels().fused_linear_wsft_loss(
@@ -206,6 +218,12 @@ class PGObjective(Objective):
     @staticmethod
     def reference_width(items: list) -> int:
         return max(it.length for it in items)
+
+    def loss_units(self, items):
+        if self.spec.aggregation == "token-mean":  # Σ mask·ℓ / (the micro-batch's masked targets)
+            return [float(sum(m for m, y in zip(it.extras["loss_mask"], it.seqs[0].labels) if y != IGNORE))
+                    for it in items]
+        return [1.0] * len(items)
 
     @staticmethod
     def reference_rows(hidden, weight, mb, *, spec: Any, tp_group: Any, vocab_size: int) -> torch.Tensor:
