@@ -112,9 +112,11 @@ def _shard_of(items: list, shard: int | None, n: int) -> list:
 
 def _mine(ctx: RoundContext, path: str, shard: int | None) -> list:
     """Records of a sharded read that belong to this shard: the writer's shard i when the
-    plan correlates the two stages, else this shard's slice of all of them."""
+    plan correlates the two stages, else this shard's slice of all of them (also when the
+    writer has a single shard file: every shard of this stage reads that one file)."""
     recs = ctx.read(path, shard)
-    if shard is not None and len(ctx.shard_files(ctx.stage.input(path), shard)) > 1:
+    src = ctx.plan.sources.get((ctx.stage.name, path)) if ctx.plan else None
+    if shard is not None and not (src and ctx.plan.is_correlated(src[1].name, ctx.stage.name)):
         return _shard_of(recs, shard, ctx.stage.shards)
     return recs
 
