@@ -44,7 +44,10 @@ What it counts, per pipeline stage (the report shows the worst stage):
 * **Loss**: materialised logits are ``[mbs * seq, V_pad / tp]`` as the bf16 GEMM output
   (2 bytes), its fp32 copy (4) and the fp32 softmax kept for the backward (4):
   10 bytes per element, on the last stage. The fused linear loss (megatron_sz.kernels)
-  never forms that tensor: per token it keeps fp32 log-sum-exp and target logit (8 bytes).
+  never forms that tensor: per token it keeps fp32 log-sum-exp and target logit (8 bytes),
+  plus ONE fp32 logits chunk of ``FUSED_CHUNK_MIB`` (its default GPU chunk budget; the
+  dlogits are written in place over it) and, in training, nothing for dW: it goes straight
+  into the fp32 main_grad counted under grads.
 
 Not counted: the CUDA context and NCCL buffers (~1-3 GiB per GPU), allocator
 fragmentation, TransformerEngine workspaces, and the reference model of DPO (it is run
@@ -62,6 +65,9 @@ from typing import Literal
 
 from megatron_sz.errors import LayoutError
 from megatron_sz.model_shape import ModelShape, check_layout, model_shape, padded_vocab
+
+# The fused losses' default GPU chunk budget (kernels/_common.py:default_chunk_rows).
+FUSED_CHUNK_MIB = 640
 
 GiB = float(1 << 30)
 
@@ -374,7 +380,8 @@ def plan_layout(hf_config: dict, *, tp: int = 1, pp: int = 1, dp: int | None = N
         acts["full"] = int(tokens * (layers_per_stage * per_tok["full_kept"] + emb_out) * inflight * factor
                            + tokens * per_tok["selective"])  # one layer being recomputed
         loss_mat = tokens * (vpad // t) * 10 if last else 0
-        loss_fused = tokens * 8 if last else 0
+        chunk = min(tokens, max(1, FUSED_CHUNK_MIB * 2**20 // (4 * (vpad // t)))) * (vpad // t) * 4
+        loss_fused = tokens * 8 + chunk if last else 0
         stages.append(StageMemory(
             stage=st, layers=layers_per_stage, has_embedding=first, has_lm_head=last, params=n,
             param_bytes=pbytes * n, grad_bytes=grads,

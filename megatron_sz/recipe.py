@@ -171,6 +171,10 @@ class TrainSpec:
     # packed: tokens per packed row (one row = one micro-batch; several items per row, each
     # attending only within itself). None: max_length per sequence of an item (DPO: 2x).
     pack_length: int | None = None
+    # Megatron's gradient-accumulation fusion for the LM head: the fused loss adds dW straight
+    # into the weight's fp32 main_grad (no [V, H] grad tensor). Not used with fp16 (dynamic
+    # loss scale) or outside training; false: the loss returns dW and DDP adds it.
+    gradient_accumulation_fusion: bool = True
     overlong: Literal["truncate", "drop"] = "truncate"
     save_interval: int = 0  # 0: only at the end (and on preemption)
     log_interval: int = 1

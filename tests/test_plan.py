@@ -2,11 +2,13 @@
 against an independent per-tensor count, memory arithmetic, refusals, and the CLI."""
 import json
 import math
+import os
 import random
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_sz.cli import main
 from megatron_sz.errors import LayoutError
@@ -169,7 +171,16 @@ def test_activation_arithmetic(repo_root):
     assert unfused["none"] > unfused["selective"] == a["selective"]
     last = plan.stages[-1]
     assert last.loss_bytes_materialised == s * b * (plan.padded_vocab // t) * 10
-    assert last.loss_bytes_fused == s * b * 8 and plan.stages[0].loss_bytes_materialised == 0
+    from megatron_sz.kernels._common import default_chunk_rows
+    from megatron_sz.planner import FUSED_CHUNK_MIB
+
+    v_loc = plan.padded_vocab // t
+    os.environ.pop("MEGATRON_SZ_KERNEL_CHUNK_MB", None)
+    rows = min(s * b, default_chunk_rows(v_loc, torch.device("cuda")))   # the GPU chunk of the kernels
+    # per token lse + target logit, plus one fp32 logits chunk (FUSED_CHUNK_MIB, 128-row aligned there)
+    assert FUSED_CHUNK_MIB == 640
+    assert abs(last.loss_bytes_fused - (s * b * 8 + rows * v_loc * 4)) <= 128 * v_loc * 4
+    assert plan.stages[0].loss_bytes_materialised == 0
     # Interleaving raises the first stage's in-flight activations by 1 + (pp-1)/(pp*vpp).
     vp = plan_layout(cfg, tp=t, pp=pp, dp=1, seq_len=s, micro_batch_size=b, num_microbatches=M, virtual_pp=3)
     ratio = vp.stages[0].act_bytes_by_recompute["none"] / a["none"]
@@ -267,3 +278,18 @@ def test_plan_covers_every_training_job_of_each_system():
         assert jobs, f"{system.name}: no training job declared by its stages"
         for role, spec, kind, section, train in jobs:
             assert role in system.roles and train.micro_batch_size >= 1, (system.name, kind, section)
+
+
+def test_cli_plans_packed_rows(tmp_path, capsys):
+    """batching: packed plans one micro-batch as one packed row of pack_length tokens
+    (default: max_length per sequence of an item, so 2 x 2048 for a DPO pair)."""
+    import yaml
+
+    src = yaml.safe_load(open("recipes/qwen3-8b-solver-tp2-8gpu.yaml"))
+    src["solver"]["dpo"]["batching"] = "packed"
+    path = tmp_path / "packed.yaml"
+    path.write_text(yaml.safe_dump(src))
+    rc = main(["plan", str(path), "--role", "solver", "--job", "solver-dpo", "--gpu-mem", "80"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "packed rows of 4096 tokens" in out and "seq=4096 mbs=1" in out

@@ -141,18 +141,28 @@ def _recipe_jobs(args) -> list[dict]:
         seqs_per_mb = 2 if spec.record is PreferencePair else 1  # DPO: chosen + rejected
         mbs = _pick(args.mbs, train.micro_batch_size * seqs_per_mb)
         gbs = _pick(args.gbs, train.global_batch_size * seqs_per_mb)
+        seq = train.max_length
+        packed = getattr(train, "batching", None) == "packed"
+        if packed:
+            # one micro-batch = one packed row of pack_length tokens (THD, batch 1); how many
+            # rows a step needs depends on the lengths, so the count here is an upper bound
+            seq = train.pack_length or train.max_length * seqs_per_mb
+            mbs = _pick(args.mbs, 1)
+            gbs = _pick(args.gbs, train.global_batch_size)
         # The planner counts sequences; batch errors are reported in the recipe's own fields and
         # units (a DPO pair is two sequences), not as DPO-doubled numbers of solver.parallel.
         batch_source = None if (args.mbs or args.gbs) else dict(
             where=f"{recipe.source}: {section_name}.global_batch_size", unit=spec.unit,
             micro_batch_size=train.micro_batch_size, global_batch_size=train.global_batch_size)
         jobs.append(dict(
-            batch_source=batch_source, hf_config=cfg, label=f"{recipe.name} / {role} ({kind}, {section_name})",
+            batch_source=None if packed else batch_source, hf_config=cfg,
+            label=f"{recipe.name} / {role} ({kind}, {section_name}"
+                  + (f", packed rows of {seq} tokens" if packed else "") + ")",
             where=where,
             tp=_pick(args.tp, par.tp), pp=_pick(args.pp, par.pp),
             virtual_pp=_pick(args.vpp, par.virtual_pp),
             world_size=None if args.dp is not None else _pick(args.world_size, par.world_size),
-            dp=args.dp, seq_len=_pick(args.seq, train.max_length), micro_batch_size=mbs,
+            dp=args.dp, seq_len=_pick(args.seq, seq), micro_batch_size=mbs,
             global_batch_size=None if args.num_microbatches is not None else gbs,
             num_microbatches=args.num_microbatches,
             dtype=_pick(args.dtype, section.model.dtype),

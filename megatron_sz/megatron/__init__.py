@@ -7,7 +7,8 @@ Public API (everything else in the package is an implementation detail):
   sequence_parallel=False, recompute=None, init_weights=True) -> list[GPTModel]``;
   ``hf_config`` is a dict, an HF folder or a megatron-sz checkpoint folder
 * ``load_hf_weights(chunks, hf_dir)``
-* ``forward_hidden(model, input_ids, position_ids=None, attention_mask=None) -> [s, b, h]``,
+* ``forward_hidden(model, input_ids, position_ids=None, attention_mask=None,
+  packed_seq_params=None) -> [s, b, h]`` (packed: one THD row, ``[t, 1, h]``),
   ``lm_head_weight(model) -> [V_pad/tp, h]``, ``vocab_parallel_logits(model, hidden)``,
   ``forward_logits`` / ``pipeline_forward_logits`` (parity checks),
   ``true_vocab_size`` / ``padded_vocab_size`` / ``vocab_shard_range``, ``unwrap``

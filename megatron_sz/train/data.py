@@ -329,6 +329,9 @@ class MicroBatch:
     unpack_index: Any = None  # packed: LongTensor [R, T_row], T (one past the row) at pads
     cu_seqlens_device: Any = None  # packed: cu_seqlens on the compute device (set by ``to``)
     loss_scale: float = 1.0  # the step engine's factor on this micro-batch's loss (packed batching)
+    # the step engine's gradient-accumulation fusion keywords for the fused LM-head losses
+    # (``main_grad=True, grad_scale=...``); empty: the loss returns dW as usual
+    fusion: dict = field(default_factory=dict)
 
     @property
     def packed(self) -> bool:

@@ -398,6 +398,7 @@ class _Model:
     vocab: int  # the true vocab size (the embedding is padded beyond it)
     start: int  # completed steps: from the checkpoint when resumed, else 0
     resumed: bool
+    params_dtype: Any = None  # torch dtype of the model's parameters
 
 
 def _checkpoint_identity(s: _Setting, plan: Any) -> dict:
@@ -433,7 +434,7 @@ def _build_model(s: _Setting, start: _Start, plan: Any) -> _Model:
     if extra:
         log(f"resumed from {state.ckpt_root(s.out)} at step {begin}/{plan.total_steps}", rank=s.rank)
     return _Model(chunks=chunks, optimizer=optimizer, vocab=adapter.true_vocab_size(chunks[0]), start=begin,
-                  resumed=bool(extra))
+                  resumed=bool(extra), params_dtype=params_dtype)
 
 
 def _save(s: _Setting, model: _Model, plan: Any, step: int) -> str:
@@ -453,13 +454,15 @@ def _engine(s: _Setting, model: _Model, data: _Data, ref_path: str | None, *, pa
                      pad_to_multiple_of=s.spec.pad_to_multiple_of, device=s.device,
                      packed=data.plan.pack_length is not None, pack_length=data.plan.pack_length)
     kw = dict(tp_group=s.info.tp_group, vocab_size=model.vocab)
+    # fp16 scales the loss by a dynamic factor the fused op cannot know in forward
+    fusion = s.spec.gradient_accumulation_fusion and str(model.params_dtype) != "torch.float16"
     ref_table = None
     if s.job.uses_reference(s.spec):
         ref_table = _reference_logps(data.items, out=s.out, ref_path=ref_path, start=model.start, spec=s.spec,
                                      engine=StepEngine(objective=None, **engine_kw), kw=kw, info=s.info,
                                      rank=s.rank, objective=s.job.objective_class()).to(s.device)
     objective = s.job.objective_class().for_job(s.spec, ref_logps=ref_table, **kw)
-    return StepEngine(objective=objective, **engine_kw)
+    return StepEngine(objective=objective, grad_fusion=fusion, **engine_kw)
 
 
 def _evaluate(s: _Setting, engine: Any, held: list, logger: Any, *, step: int) -> dict | None:

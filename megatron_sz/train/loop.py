@@ -9,8 +9,8 @@
    accumulation over micro-batches;
    after the last backward the schedule runs Megatron's ``finalize_model_grads`` (DP
    reduce, tied embeddings across stages, TP reduce of QK-norm grads);
-3. ONE all-reduce of a small vector: the step's statistic sums, a non-finite count and
-   the preemption flag, read on the host once (``tolist``). It comes before
+3. ONE all-reduce of a small vector: the step's statistic sums, a non-finite count, the
+   preemption flag and the main_grad scale-mismatch count, read on the host once (``tolist``). It comes before
    ``optimizer.step()``: a NaN/inf loss stops the job with a clear message and leaves the
    weights untouched;
 4. Megatron's optimizer step at the step's learning rate (grad norm, clipping, Adam;
@@ -33,6 +33,14 @@ averages over (``Objective.loss_units``: items, or target tokens for a token mea
 gradient is then the mean over the step's global batch, whatever the packing. Statistic
 sums are not scaled. On the last stage ``_loss_func`` gathers the packed hidden states
 into the row-wise layout (``packing.unpack_rows``) so the objectives run unchanged.
+
+Gradient-accumulation fusion (``grad_fusion=True``, ``train.gradient_accumulation_fusion``):
+each micro-batch carries ``mb.fusion = {main_grad: True, grad_scale: loss_scale /
+num_microbatches}``, the upstream gradient Megatron's schedule will give the fused loss.
+The loss adds dW, already scaled, straight into the LM-head weight's fp32 ``main_grad``
+during forward and returns no weight grad, so no ``[V, H]`` gradient tensor exists. Its
+backward checks the scale on the device (``kernels.main_grad_mismatches``); the count
+rides in step 3's vector, and a mismatch stops the job before the optimizer step.
 """
 from __future__ import annotations
 
@@ -54,6 +62,10 @@ class NonFiniteLoss(UserError):
     """The loss or gradient norm became NaN/inf; raised before the optimizer step."""
 
 
+class GradScaleMismatch(UserError):
+    """A fused loss's main_grad scale differed from the schedule's; raised before the step."""
+
+
 @dataclass
 class StepResult:
     stats: dict  # per-item means (and "items", "tokens")
@@ -65,7 +77,7 @@ class StepResult:
 class StepEngine:
     def __init__(self, *, chunks: list, objective: Any, optimizer: mt.TrainOptimizer | None,
                  info: mt.ParallelInfo, pad_id: int, pad_to_multiple_of: int, device: torch.device,
-                 packed: bool = False, pack_length: int | None = None):
+                 packed: bool = False, pack_length: int | None = None, grad_fusion: bool = False):
         from megatron_sz.megatron import forward_hidden, lm_head_weight
 
         self.chunks = chunks
@@ -77,6 +89,7 @@ class StepEngine:
         self.device = device
         self.packed = packed
         self.pack_length = pack_length
+        self.grad_fusion = grad_fusion
         if packed and pack_length is None:
             raise ValueError("packed batching needs pack_length")
         self._forward_hidden = forward_hidden
@@ -168,6 +181,18 @@ class StepEngine:
         n_tokens = sum(mb.num_tokens for mb in mbs)
         if self.packed:
             self._scale_packed(mbs, groups, step_items)
+        mismatches = None
+        if self.grad_fusion:
+            # Gradient-accumulation fusion: the fused loss adds dW to main_grad in forward,
+            # already multiplied by the upstream gradient backward will bring: Megatron's
+            # schedule divides each micro-batch's loss by num_microbatches (no context
+            # parallelism here) and we multiply by the packing factor.
+            from megatron_sz.kernels import main_grad_mismatches
+
+            mismatches = main_grad_mismatches(self.device)
+            mismatches.zero_()
+            for mb in mbs:
+                mb.fusion = {"main_grad": True, "grad_scale": mb.loss_scale / len(mbs)}
 
         def fn(hidden, weight, mb):
             loss, stats = self.objective.train_loss(hidden, weight, mb)
@@ -183,10 +208,11 @@ class StepEngine:
         items_t = torch.tensor(float(n_items if (self.info.tp_rank == 0 and self.info.is_last_stage) else 0))
         tokens_t = torch.tensor(float(n_tokens if (self.info.tp_rank == 0 and self.info.is_last_stage) else 0))
         flag = torch.tensor(1.0 if preempt_requested else 0.0)
-        out = self._reduce(per_mb, keys, [items_t, tokens_t, flag])
+        bad_scale = mismatches.float() if mismatches is not None else torch.zeros(())
+        out = self._reduce(per_mb, keys, [items_t, tokens_t, flag, bad_scale])
         n = len(keys)
         sums = dict(zip(keys, out[:n]))
-        items, tokens, flag_v = out[n:]
+        items, tokens, flag_v, bad_scale_v = out[n:]
         bad_loss = sums.pop("nonfinite")
         if bad_loss > 0:
             raise NonFiniteLoss(
@@ -194,6 +220,12 @@ class StepEngine:
                 f"step was NOT applied (weights are those of the last good step)",
                 fix="lower the learning rate, check the data for empty completions, or resume from "
                     "the last checkpoint with a smaller lr / stronger clip_grad")
+        if bad_scale_v > 0:
+            raise GradScaleMismatch(
+                "the fused LM-head loss added its gradient to main_grad at a scale the schedule did "
+                "not use, so this step's gradient is wrong; the optimizer step was NOT applied",
+                fix="set train.gradient_accumulation_fusion: false in the recipe and report this "
+                    "(Megatron schedule options such as calculate_per_token_loss change the scale)")
         stats = {k: v / max(items, 1.0) for k, v in sums.items()}
         stats.update(items=int(items), tokens=int(tokens))
         grad_norm = opt.step(lr)

@@ -13,6 +13,10 @@ micro-batches and data-parallel ranks of any size combine exactly).
 * ``PGObjective``    -- PPO-clipped policy gradient (``fused_linear_pg_loss``) on scored
   rollouts; old (behaviour) log-probs per token from a table computed at stage start.
 
+Every fused call passes ``**mb.fusion``: in training the step engine sets it to
+``main_grad=True, grad_scale=...`` (gradient-accumulation fusion: dW goes straight into the
+LM-head weight's fp32 ``main_grad``), elsewhere it is empty.
+
 Which job uses which objective is ``jobs.JOBS``'s to say (``JobSpec.objective``); the job
 builds it with ``Objective.for_job(train_spec, ref_logps=..., tp_group=..., vocab_size=...)``.
 
@@ -94,7 +98,7 @@ class SFTObjective(Objective):
     def train_loss(self, hidden, weight, mb):
         loss = _kernels().fused_linear_wsft_loss(
             hidden, weight, mb.labels, torch.ones_like(mb.weights), normalization=self.normalization,
-            ignore_index=IGNORE, tp_group=self.tp_group, vocab_size=self.vocab_size)
+            ignore_index=IGNORE, tp_group=self.tp_group, vocab_size=self.vocab_size, **mb.fusion)
         return loss, {"loss": loss.detach() * mb.num_items}
 
 
@@ -103,7 +107,7 @@ class WSFTObjective(SFTObjective):
     def train_loss(self, hidden, weight, mb):
         loss = _kernels().fused_linear_wsft_loss(
             hidden, weight, mb.labels, mb.weights.to(hidden.device), normalization=self.normalization,
-            ignore_index=IGNORE, tp_group=self.tp_group, vocab_size=self.vocab_size)
+            ignore_index=IGNORE, tp_group=self.tp_group, vocab_size=self.vocab_size, **mb.fusion)
         return loss, {"loss": loss.detach() * mb.num_items, "weight": mb.weights.sum()}
 
     train_keys = ("loss", "weight")
@@ -154,7 +158,7 @@ class DPOObjective(Objective):
             hidden, weight, mb.labels, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=s.beta,
             loss_type=s.loss_type, label_smoothing=s.label_smoothing, nll_alpha=s.nll_alpha,
             reference_free=s.reference_free, simpo_gamma=s.simpo_gamma, ignore_index=IGNORE,
-            tp_group=self.tp_group, vocab_size=self.vocab_size)
+            tp_group=self.tp_group, vocab_size=self.vocab_size, **mb.fusion)
         B = mb.num_items
         stats = {"loss": loss.detach() * B}
         for key, names in (("margin", ("reward_margins", "margins", "margin", "reward_margin")),
@@ -249,7 +253,8 @@ class PGObjective(Objective):
             clip_high=mb.extras["clip_high"].to(dev), clip_c=s.clip_c,
             ref_logps=start if s.kl_coef > 0 else None, kl_coef=s.kl_coef, kl_estimator=s.kl_estimator,
             entropy_coef=s.entropy_coef, aggregation=s.aggregation, norm_constant=s.norm_constant,
-            temperature=s.temperature, ignore_index=IGNORE, tp_group=self.tp_group, vocab_size=self.vocab_size)
+            temperature=s.temperature, ignore_index=IGNORE, tp_group=self.tp_group, vocab_size=self.vocab_size,
+            **mb.fusion)
         B = mb.num_items
         stats = {"loss": loss.detach() * B, "reward": mb.extras["reward"].sum(), "advantage": mb.weights.sum()}
         for k in PG_METRICS[2:]:
