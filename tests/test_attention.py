@@ -119,6 +119,40 @@ def test_thd_packed_3d_matches_unpacked(rng_seed, h, g):
         _attn(h, g)(q, k, v, None, packed_seq_params=short)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU: varlen_attn (flash over "
+                    "cu_seqlens) runs only there; the CPU tests check the block-diagonal SDPA path")
+@pytest.mark.parametrize("h,g", [(16, 8), (8, 8)])
+def test_varlen_gpu_path_matches_per_document_attention(rng_seed, h, g):
+    """bf16 on CUDA takes varlen_attn; forward and gradients must equal each document's own
+    causal attention (float64 on the same bf16 inputs)."""
+    from megatron_sz.megatron import attention as A
+
+    if A._VARLEN is None:
+        pytest.skip("this torch build has no torch.nn.attention.varlen")
+    gen = torch.Generator().manual_seed(rng_seed)
+    lens = [300, 17, 1, 640, 90]
+    total, d = sum(lens), 128
+    q, k, v = (x[:, 0].to("cuda", torch.bfloat16).requires_grad_() for x in _qkv(total, 1, h, g, d, gen))
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    psp = A.packed_seq_params(cu, max(lens), device="cuda")
+    attn = _attn(h, g, d).cuda()
+    got = attn(q, k, v, None, packed_seq_params=psp)
+    up = torch.randn(got.shape, generator=gen).to("cuda", torch.bfloat16)
+    (got.float() * up.float()).sum().backward()
+    start = 0
+    for n in lens:
+        sl = slice(start, start + n)
+        qd, kd, vd = (x.detach()[sl, None].double().requires_grad_() for x in (q, k, v))
+        alone = _unfused(qd, kd, vd, torch.ones(n, n, dtype=torch.bool, device="cuda").tril())[:, 0]
+        torch.testing.assert_close(got[sl].double(), alone, atol=2e-2, rtol=2e-2)
+        (alone * up[sl].double()).sum().backward()
+        for name, x, xd in (("q", q, qd), ("k", k, kd), ("v", v, vd)):
+            torch.testing.assert_close(x.grad[sl].double(), xd.grad[:, 0], atol=5e-2, rtol=5e-2,
+                                       msg=lambda m, name=name: f"d{name}: {m}")
+        start += n
+
+
 def test_local_spec_never_uses_unfused_attention():
     from megatron_sz.megatron.model import have_transformer_engine, layer_spec
     from megatron_sz.model_shape import model_shape

@@ -22,19 +22,24 @@ B, T, H, V = 3, 7, 24, 301
 CHUNK = 8  # token rows: 21 or 42 rows -> 3 to 6 chunks
 
 
-def _inputs(seed, rows, dtype=torch.float32):
+def _device(backend):
+    """Triton runs on the GPU when there is one, else on CPU under the interpreter."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def _inputs(seed, rows, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(rows, T, H, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) / H ** 0.5 * 4).to(dtype).requires_grad_()
+    hidden = torch.randn(rows, T, H, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5 * 4).to(device, dtype).requires_grad_()
     labels = torch.randint(0, V, (rows, T), generator=g)
     labels[torch.rand(rows, T, generator=g) < 0.25] = -100
     labels[:, 0] = -100
     labels[:, 1] = torch.randint(0, V, (rows,), generator=g)   # every row has a target
-    return hidden, weight, labels, g
+    return hidden, weight, labels.to(device), g
 
 
 def _pg_kwargs(labels, g):
-    rows = labels.shape[0]
+    rows = labels.shape[0]  # CPU tensors; _op moves them
     return dict(old_logps=-torch.rand(rows, T, generator=g) * 3, advantages=torch.randn(rows, generator=g),
                 clip_low=0.2, clip_high=0.28, entropy_coef=0.01)
 
@@ -42,22 +47,30 @@ def _pg_kwargs(labels, g):
 def _op(name, backend, hidden, weight, labels, g, **kw):
     """(our loss, reference loss fn on float64 leaves)."""
     common = dict(backend=backend, chunk_size=CHUNK, **kw)
+    dev = hidden.device
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev)
+
+    def unif(*shape):
+        return torch.rand(*shape, generator=g).to(dev)
+
     if name == "logprobs":
-        up = torch.randn(labels.shape, generator=g)
+        up = rnd(*labels.shape)
         lp = linear_logprobs(hidden, weight, labels, **common)
         return (lp * up).sum(), lambda h, w: (ref_linear_logprobs(h, w, labels) * up.double()).sum()
     if name == "wsft":
-        sw = torch.rand(labels.shape[0], generator=g) + 0.25
+        sw = unif(labels.shape[0]) + 0.25
         loss = fused_linear_wsft_loss(hidden, weight, labels, sw, normalization="token", **common)
         return loss, lambda h, w: ref_fused_linear_wsft_loss(h, w, labels, sw.double(), normalization="token")
     if name == "dpo":
         b = labels.shape[0] // 2
-        rc, rr = -torch.rand(b, generator=g) * 20, -torch.rand(b, generator=g) * 20
+        rc, rr = -unif(b) * 20, -unif(b) * 20
         loss, _ = fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
                                         beta=0.5, **common)
         return loss, lambda h, w: ref_fused_linear_dpo_loss(h, w, labels, ref_chosen_logps=rc.double(),
                                                             ref_rejected_logps=rr.double(), beta=0.5)[0]
-    pk = _pg_kwargs(labels, g)
+    pk = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in _pg_kwargs(labels, g).items()}
     loss, _ = fused_linear_pg_loss(hidden, weight, labels, **pk, **common)
     return loss, lambda h, w: ref_fused_linear_pg_loss(h, w, labels, **pk)[0]
 
@@ -66,7 +79,7 @@ def _reference_grads(ref_fn, hidden, weight):
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
     ref_fn(h, w).backward()
-    return h.grad, w.grad
+    return h.grad, w.grad            # on the inputs' device (float64 works on CUDA too)
 
 
 OPS = ["logprobs", "wsft", "dpo", "pg"]
@@ -76,11 +89,12 @@ OPS = ["logprobs", "wsft", "dpo", "pg"]
 @pytest.mark.parametrize("name", OPS)
 def test_main_grad_fusion_accumulates_scaled_dw_and_leaves_no_grad(rng_seed, backend, name):
     rows = 2 * B if name == "dpo" else B
-    hidden, weight, labels, g = _inputs(rng_seed, rows)
-    prior = torch.randn(V, H, generator=g) * 1e-4  # earlier micro-batches, at gradient scale
+    dev = _device(backend)
+    hidden, weight, labels, g = _inputs(rng_seed, rows, device=dev)
+    prior = (torch.randn(V, H, generator=g) * 1e-4).to(dev)  # earlier micro-batches, at gradient scale
     weight.main_grad = prior.clone()          # what Megatron DDP gives each parameter
     scale = 0.25                              # e.g. 1 / num_microbatches
-    before = int(main_grad_mismatches("cpu"))
+    before = int(main_grad_mismatches(dev))
     kw = dict(main_grad=True) if name == "logprobs" else dict(main_grad=True, grad_scale=scale)
     loss, ref_fn = _op(name, backend, hidden, weight, labels, g, **kw)
     (loss * scale).backward()                 # the schedule's 1 / num_microbatches
@@ -88,7 +102,7 @@ def test_main_grad_fusion_accumulates_scaled_dw_and_leaves_no_grad(rng_seed, bac
     assert weight.grad is None, "with main_grad=True the weight must get no .grad"
     assert_close_verbose(hidden.grad, gh * scale, rtol=1e-5, name=f"{name} hidden.grad")
     assert_close_verbose(weight.main_grad - prior, gw * scale, rtol=1e-5, name=f"{name} main_grad increment")
-    assert int(main_grad_mismatches("cpu")) == before
+    assert int(main_grad_mismatches(dev)) == before
 
 
 @pytest.mark.parametrize("name", ["wsft", "dpo", "pg"])
@@ -108,7 +122,7 @@ def test_wrong_upstream_scale_is_counted(rng_seed, name):
 @pytest.mark.parametrize("acc", ["param", "float32"])
 def test_dw_accumulation_modes_match_reference(rng_seed, backend, name, acc):
     rows = 2 * B if name == "dpo" else B
-    hidden, weight, labels, g = _inputs(rng_seed, rows)
+    hidden, weight, labels, g = _inputs(rng_seed, rows, device=_device(backend))
     loss, ref_fn = _op(name, backend, hidden, weight, labels, g, dw_accumulation=acc)
     loss.backward()
     gh, gw = _reference_grads(ref_fn, hidden, weight)
@@ -152,38 +166,61 @@ def test_main_grad_without_buffer_is_a_clear_error(rng_seed):
 
 
 def test_inplace_half_dlogits_match_a_separate_buffer(rng_seed):
-    """The GPU path writes bf16 dlogits over the fp32 logits' own bytes (row stride 2V);
-    run that exact kernel under the interpreter and compare with the torch twin."""
+    """The GPU path writes bf16 dlogits over the fp32 logits' own bytes (row stride 2V).
+    Run that exact kernel (on the GPU with its real block sizes when there is one, else
+    under the interpreter) and compare with the torch twin."""
     pytest.importorskip("triton")
     from megatron_sz.kernels._common import make_config
     from megatron_sz.kernels.logprobs import _dlogits_torch, _stats_torch, dlogits_triton, inplace_half
     from megatron_sz.kernels.pg import _dlogits_torch as pg_dlogits_torch
 
+    dev = _device("triton")
     g = torch.Generator().manual_seed(rng_seed)
-    n, v = 11, 5000                       # several 2048-wide column blocks per row
-    logits = torch.randn(n, v, generator=g) * 3
-    labels = torch.randint(0, v, (n,), generator=g)
+    # several column blocks per row: 2048 wide under the interpreter, 4096 on a GPU
+    n, v = (11, 5000) if dev == "cpu" else (37, 151936)
+    logits = (torch.randn(n, v, generator=g) * 3).to(dev)
+    labels = torch.randint(0, v, (n,), generator=g).to(dev)
     labels[3] = -100
-    w = torch.zeros(v, 4)
-    cfg = make_config(hidden=torch.zeros(n, 4), weight=w, backend="triton", ignore_index=-100,
+    w = torch.zeros(v, 4, device=dev)
+    cfg = make_config(hidden=torch.zeros(n, 4, device=dev), weight=w, backend="triton", ignore_index=-100,
                       temperature=0.8, tp_group=None, vocab_size=v - 7, chunk_size=None)
     m, s, t = _stats_torch(logits, labels, cfg)
     lse = m + torch.log(s)
-    coef = torch.randn(n, generator=g)
-    mu = torch.randn(n, generator=g)
-    ecoef = torch.randn(n, generator=g) * 0.1
+    coef, mu = torch.randn(n, generator=g).to(dev), torch.randn(n, generator=g).to(dev)
+    ecoef = (torch.randn(n, generator=g) * 0.1).to(dev)
     want = _dlogits_torch(logits.clone(), labels, lse, coef, cfg, torch.float32).to(torch.bfloat16)
     want_pg = pg_dlogits_torch(logits.clone(), labels, lse, mu, coef, ecoef, cfg, torch.float32).to(torch.bfloat16)
+    gpu = dev == "cuda"
     buf = logits.clone()
-    out = dlogits_triton(buf, labels, lse, coef, cfg, torch.bfloat16, gpu_blocks=False)
+    out = dlogits_triton(buf, labels, lse, coef, cfg, torch.bfloat16, gpu_blocks=gpu)
     assert out.data_ptr() == buf.data_ptr() and out.stride() == (2 * v, 1) and out.shape == (n, v)
     torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
     buf = logits.clone()
-    out = dlogits_triton(buf, labels, lse, coef, cfg, torch.bfloat16, mu=mu, ecoef=ecoef, gpu_blocks=False)
+    out = dlogits_triton(buf, labels, lse, coef, cfg, torch.bfloat16, mu=mu, ecoef=ecoef, gpu_blocks=gpu)
     torch.testing.assert_close(out.float(), want_pg.float(), atol=1e-2, rtol=1e-2)
     assert torch.count_nonzero(out[:, v - 7:]) == 0        # padding columns stay exactly 0
     with pytest.raises(ValueError, match="contiguous fp32"):
         inplace_half(logits.t(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU: the bf16 tensor-core path "
+                    "(in-place bf16 dlogits, bf16 dW buffer / fp32 main_grad) runs only there; the CPU tests "
+                    "check the same maths in fp32")
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("mode", ["param", "float32", "main_grad"])
+def test_bf16_tensor_core_path_matches_reference(rng_seed, name, mode):
+    rows = 2 * B if name == "dpo" else B
+    hidden, weight, labels, g = _inputs(rng_seed, rows, dtype=torch.bfloat16, device="cuda")
+    kw = {"dw_accumulation": mode} if mode != "main_grad" else {"main_grad": True}
+    if mode == "main_grad":
+        weight.main_grad = torch.zeros(V, H, device="cuda")
+    loss, ref_fn = _op(name, "triton", hidden, weight, labels, g, **kw)
+    loss.backward()
+    gh, gw = _reference_grads(ref_fn, hidden, weight)
+    got_w = weight.main_grad if mode == "main_grad" else weight.grad
+    assert_close_verbose(got_w.double(), gw, rtol=3e-2, name=f"{name}/{mode} dW")
+    assert_close_verbose(hidden.grad.double(), gh, rtol=3e-2, name=f"{name}/{mode} dX")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -191,10 +228,12 @@ def test_inplace_half_dlogits_match_a_separate_buffer(rng_seed):
 @pytest.mark.parametrize("main_grad", [False, True])
 def test_linear_logprobs_saved_and_recomputed_backward_match_reference(rng_seed, backend, recompute,
                                                                        main_grad):
-    hidden, weight, labels, g = _inputs(rng_seed, B)
+    dev = _device(backend)
+    hidden, weight, labels, g = _inputs(rng_seed, B, device=dev)
     if main_grad:
-        weight.main_grad = torch.zeros(V, H)
-    up = torch.randn(labels.shape, generator=g)
+        weight.main_grad = torch.zeros(V, H, device=dev)
+    labels[labels >= V - 5] = 7          # labels must be real tokens (< vocab_size), as documented
+    up = torch.randn(labels.shape, generator=g).to(dev)
     lp = linear_logprobs(hidden, weight, labels, backend=backend, chunk_size=CHUNK, temperature=0.7,
                          vocab_size=V - 5, recompute=recompute, main_grad=main_grad)
     (lp * up).sum().backward()
