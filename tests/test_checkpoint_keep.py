@@ -16,15 +16,8 @@ from megatron_sz.train.jobs import run_job  # noqa: E402
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("keep")
-    tok = T.make_tokenizer(root / "tok")
-    cfg = T.tiny_config(tok.vocab_size)
-    data = T.write_records(root / "pairs.jsonl", T.arithmetic_pairs(40, seed=0))
-    with T.isolated_world():
-        yield {"root": root, "tok": str(root / "tok"), "cfg": cfg, "data": data}
-    torch.set_num_threads(threads)
+    with T.tiny_job_env(tmp_path_factory.mktemp("keep")) as e:
+        yield dict(e, data=T.write_records(e["root"] / "pairs.jsonl", T.arithmetic_pairs(40, seed=0)))
 
 
 def _recipe(env, name, keep):

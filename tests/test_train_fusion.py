@@ -19,14 +19,8 @@ from megatron_sz.train.jobs import run_job  # noqa: E402
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("fusion")
-    tok = T.make_tokenizer(root / "tok")
-    cfg = T.tiny_config(tok.vocab_size)
-    with T.isolated_world():
-        yield {"root": root, "tok": str(root / "tok"), "cfg": cfg}
-    torch.set_num_threads(threads)
+    with T.tiny_job_env(tmp_path_factory.mktemp("fusion")) as e:
+        yield e
 
 
 def _recipe(env, name, section, train):

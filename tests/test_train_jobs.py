@@ -30,14 +30,8 @@ from megatron_sz.train.jobs import run_job  # noqa: E402
 def env(tmp_path_factory):
     """Tokenizer + tiny config, and single-threaded torch (a loaded 2-core box is ~20x
     slower with two intra-op threads fighting other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("train")
-    tok = T.make_tokenizer(root / "tok")
-    cfg = T.tiny_config(tok.vocab_size)
-    with T.isolated_world():  # leave no process group / MASTER_PORT behind for other test files
-        yield {"root": root, "tok": str(root / "tok"), "cfg": cfg, "tokenizer": tok}
-    torch.set_num_threads(threads)
+    with T.tiny_job_env(tmp_path_factory.mktemp("train")) as e:
+        yield e
 
 
 def recipe(env, name, **sections):

@@ -281,15 +281,8 @@ def test_packed_step_matches_unpacked_at_tp2(rng_seed, monkeypatch):
 
 @pytest.fixture(scope="module")
 def jobenv(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("packjobs")
-    tok = T.make_tokenizer(root / "tok")
-    cfg = T.tiny_config(tok.vocab_size)
-    init = str(T.save_hf_model(root / "init-hf", cfg, seed=3))
-    with T.isolated_world():
-        yield {"root": root, "tok": str(root / "tok"), "cfg": cfg, "init": init}
-    torch.set_num_threads(threads)
+    with T.tiny_job_env(tmp_path_factory.mktemp("packjobs")) as e:
+        yield dict(e, init=str(T.save_hf_model(e["root"] / "init-hf", e["cfg"], seed=3)))
 
 
 def _recipe(env, name, section: str, role: str = "solver", par=None, **train):

@@ -31,15 +31,9 @@ TASKS = ("deduction", "abduction", "induction")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("pg")
-    tok = T.make_tokenizer(root / "tok")
-    cfg = T.tiny_config(tok.vocab_size)
-    init = T.save_hf_model(root / "init", cfg, seed=0, tokenizer=tok)
-    with T.isolated_world():
-        yield {"root": root, "tok": str(root / "tok"), "cfg": cfg, "init": str(init), "tokenizer": tok}
-    torch.set_num_threads(threads)
+    with T.tiny_job_env(tmp_path_factory.mktemp("pg")) as e:
+        init = T.save_hf_model(e["root"] / "init", e["cfg"], seed=0, tokenizer=e["tokenizer"])
+        yield dict(e, init=str(init))
 
 
 def recipe(env, name, pg=None, **sections):

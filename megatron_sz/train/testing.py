@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 import random
 from pathlib import Path
@@ -181,6 +183,25 @@ class isolated_world:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextmanager
+def tiny_job_env(root: str | Path):
+    """What every in-process job test needs: a tokenizer and a tiny Qwen3-shaped config
+    under ``root``, single-threaded torch (a loaded 2-core box is ~20x slower with two
+    intra-op threads fighting other processes) and an ``isolated_world``. Yields
+    ``{"root", "tok" (its folder), "cfg", "tokenizer"}``; a module-scoped fixture wraps it."""
+    import torch
+
+    root = Path(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok = make_tokenizer(root / "tok")
+        with isolated_world():
+            yield {"root": root, "tok": str(root / "tok"), "cfg": tiny_config(tok.vocab_size), "tokenizer": tok}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_records(path: str | Path, records: list) -> Path:
