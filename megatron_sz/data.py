@@ -740,17 +740,31 @@ class JsonlAppender:
     so the file stays valid JSONL.
     """
 
-    def __init__(self, path: str | Path, key: Callable[[dict], str], cls: type | None = None):
+    def __init__(self, path: str | Path, key: Callable[[dict], str], cls: type | None = None,
+                 retry: Callable[[dict], bool] | None = None):
         self.path = Path(path)
         self.key = key
         self.cls = cls
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: set[str] = set()
+        self.retried = 0  # records ``retry`` took back out of the file on open
         if self.path.exists():
             self._truncate_partial_tail()
+            if retry is not None:
+                self._drop_retryable(retry)
             for obj in iter_jsonl(self.path):
                 self.done.add(key(obj))
         self._fh = self.path.open("a", encoding="utf-8")
+
+    def _drop_retryable(self, retry: Callable[[dict], bool]) -> None:
+        """Rewrite the file (atomically) without the records ``retry`` says must be redone,
+        e.g. calls that got no reply during a backend outage, so a rerun asks them again
+        and every key still appears once."""
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = [ln for ln in lines if not (ln.strip() and retry(json.loads(ln)))]
+        self.retried = len(lines) - len(keep)
+        if self.retried:
+            atomic_write_text(self.path, "".join(keep))
 
     def _truncate_partial_tail(self) -> None:
         data = self.path.read_bytes()

@@ -92,6 +92,24 @@ def test_appender_skips_done_keys_and_repairs_partial_tail(tmp_path):
     assert rows[0]["v"] == 1
 
 
+def test_appender_takes_retryable_records_back_out(tmp_path):
+    """``retry``: records that are no result (a call that got no reply) leave the file on
+    open, so the rerun redoes them and every key still appears once."""
+    path = tmp_path / "judged.jsonl"
+    key = lambda o: o["id"]  # noqa: E731
+    with JsonlAppender(path, key) as app:
+        for i, status in enumerate(["ok", "backend_failed", "ok", "backend_failed"]):
+            app.append({"id": f"c{i}", "status": status})
+    with path.open("a") as fh:  # and a writer killed mid-line
+        fh.write('{"id": "c9"')
+    with JsonlAppender(path, key, retry=lambda o: o["status"] == "backend_failed") as app:
+        assert app.retried == 2 and app.done == {"c0", "c2"}
+        assert app.append({"id": "c1", "status": "ok"}) and not app.append({"id": "c0", "status": "ok"})
+    assert [(r["id"], r["status"]) for r in read_jsonl(path)] == [("c0", "ok"), ("c2", "ok"), ("c1", "ok")]
+    with JsonlAppender(path, key, retry=lambda o: o["status"] == "backend_failed") as app:
+        assert app.retried == 0 and app.done == {"c0", "c1", "c2"}
+
+
 def test_atomic_write_never_leaves_half_a_file(tmp_path):
     """Kill a writer process while it rewrites a big file: the old or new content, never a mix."""
     path = tmp_path / "big.jsonl"

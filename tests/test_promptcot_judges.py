@@ -312,17 +312,25 @@ def test_no_retries_records_the_first_malformed_reply(tmp_path, servers):
 # --------------------------------------------------------------------------- (d)
 
 
-def test_server_errors_transient_recovered_persistent_recorded(tmp_path, servers):
+def test_server_errors_transient_recovered_persistent_retried_on_rerun(tmp_path, servers):
     """judge_a's server answers the first request of every prompt with HTTP 500 (the
-    client retries once and gets the reply); judge_b's server always answers 500: after
+    client retries once and gets the reply); judge_b's server always answers 500. After
     the client's retries and the stage's tries every judge_b record is ``backend_failed``
-    (no raw reply), counted, and no candidate is kept. The stage does not raise."""
+    (no raw reply): that is no verdict, so the shard fails with a clear error instead of
+    silently rejecting every candidate. Once the server is back, the rerun asks judge_b
+    again for exactly those calls (judge_a is not asked again) and the candidates are kept."""
+    from megatron_sz.errors import UserError
+
     a = servers("a", fail_first=1)
     b = servers("b", error_rate=1.0)
     P = [f"Find the sum of the first {n} primes." for n in (3, 4, 5)]
     rd, recipe = make_run(tmp_path, a, b, [cand(i, p) for i, p in enumerate(P)], retries=1,
                           backend_a={"max_retries": 1}, backend_b={"max_retries": 1})
-    run_stage(rd, recipe, "judge")
+    from megatron_sz.executor import execute_stage
+
+    with pytest.raises(UserError, match=r"3 judge call\(s\) got no reply.*judge_b: 3"):
+        execute_stage(rd, recipe, 0, "judge", progress=False)
+    assert rd.read_marker(0, "judge", (0, 1)) is None          # the shard is not done
     scored = judge_records(rd)
     for i in range(len(P)):
         sa, sb = scored[(f"r000-q{i:05d}-s0", "judge_a")], scored[(f"r000-q{i:05d}-s0", "judge_b")]
@@ -332,39 +340,49 @@ def test_server_errors_transient_recovered_persistent_recorded(tmp_path, servers
     assert a.cfg.counts["500"] == len(P) and a.calls == Counter({p: 1 for p in P})
     # judge_b: (client max_retries + 1) x (max_parse_retries + 1) HTTP requests per candidate
     assert b.cfg.counts["500"] == b.cfg.counts["received"] == 2 * 2 * len(P) and not b.calls
-    assert judge_marker_counts(rd, 1) == Counter({"judge_a.perfect": 3, "judge_b.backend_failed": 3})
 
+    b.cfg.error_rate = 0.0                                     # the judge server is back
+    run_stage(rd, recipe, "judge")
+    scored = judge_records(rd)                                 # each (candidate, judge) once
+    assert all(s.perfect for s in scored.values()) and len(scored) == 2 * len(P)
+    assert a.calls == Counter({p: 1 for p in P}) and b.calls == Counter({p: 1 for p in P})
+    assert judge_marker_counts(rd, 1) == Counter({"judge_a.perfect": 3, "judge_b.perfect": 3})
     run_stage(rd, recipe, "select")
     rs, kept, sel = selected(rd)
-    assert not kept and all(e.weight == 0.0 for e in rs.values()) and len(rs) == len(P)
-    assert sel["malformed"] == {"judge_b.backend_failed": 3} and sel["kept"] == 0 and sel["weight0"] == 3
-    assert sel["pass"] == {"judge_a": 3, "judge_b": 0}
+    assert len(kept) == len(P) and all(e.weight == 1.0 for e in rs.values())
+    assert sel["pass"] == {"judge_a": 3, "judge_b": 3} and not sel["malformed"]
 
 
 def test_judge_timeout_is_a_backend_failure(tmp_path, servers):
     """judge_b's server answers slower than the client's timeout: a ``backend_failed``
-    record per candidate after every try, never a crash or a hang. judge_a's client does
-    not retry (``max_retries: 0``), so its first-request HTTP 500 is recovered by the
-    stage's own next try."""
+    record per candidate after every try and a clear error, never a hang. judge_a's client
+    does not retry (``max_retries: 0``), so its first-request HTTP 500 is recovered by the
+    stage's own next try. A faster server on the rerun completes the shard."""
+    import time
+
+    from megatron_sz.errors import UserError
+    from megatron_sz.executor import execute_stage
+
     a = servers("a", fail_first=1)
     b = servers("b", delay_s=1.5)
     P = ["Find 3^5 mod 7.", "Find 5^3 mod 11."]
     rd, recipe = make_run(tmp_path, a, b, [cand(i, p) for i, p in enumerate(P)], retries=1,
                           backend_b={"timeout_s": 0.3})
-    import time
-
     t0 = time.monotonic()
-    run_stage(rd, recipe, "judge")
+    with pytest.raises(UserError, match=r"2 judge call\(s\) got no reply"):
+        execute_stage(rd, recipe, 0, "judge", progress=False)
     assert time.monotonic() - t0 < 10
     scored = judge_records(rd)
     assert all(scored[(f"r000-q{i:05d}-s0", "judge_a")].perfect for i in range(len(P)))
     assert a.cfg.counts["500"] == len(P) and a.calls == Counter({p: 1 for p in P})
     assert {scored[(f"r000-q{i:05d}-s0", "judge_b")].malformed for i in range(len(P))} == {"backend_failed"}
     assert b.cfg.counts["received"] == 2 * len(P)  # one client attempt per stage try
-    assert judge_marker_counts(rd, 1) == Counter({"judge_a.perfect": 2, "judge_b.backend_failed": 2})
+    b.cfg.delay_s = 0.0
+    run_stage(rd, recipe, "judge")
+    assert judge_marker_counts(rd, 1) == Counter({"judge_a.perfect": 2, "judge_b.perfect": 2})
     run_stage(rd, recipe, "select")
     _, kept, sel = selected(rd)
-    assert not kept and sel["malformed"] == {"judge_b.backend_failed": 2}
+    assert len(kept) == 2 and not sel["malformed"]
 
 
 # --------------------------------------------------------------------------- resume

@@ -457,7 +457,12 @@ def judge_candidates(ctx: RoundContext, shard: int | None) -> dict:
     scale = P.perfect_score
     cands = sorted((c for c in _mine(ctx, "sample", shard) if c.status == "ok"), key=lambda c: c.id)
     out_path = ctx.output("judge", shard)
-    with JsonlAppender(out_path, key=lambda o: f"{o['candidate_id']}#{o['judge']}") as out:
+    # A call that got no reply (HTTP errors / timeouts after the client's retries) is not a
+    # verdict: it is taken back out of the file on a rerun and asked again (see the end).
+    with JsonlAppender(out_path, key=lambda o: f"{o['candidate_id']}#{o['judge']}",
+                       retry=lambda o: o.get("status") == "backend_failed") as out:
+        if out.retried:
+            ctx.log(f"judge shard {shard}: asking {out.retried} call(s) again that got no reply last time")
         for judge in P.judges:
             todo = [c for c in cands if f"{c.id}#{judge.name}" not in out.done]
             if not todo:
@@ -496,6 +501,16 @@ def judge_candidates(ctx: RoundContext, shard: int | None) -> dict:
         for s in read_jsonl(out_path, JudgeScore, allow_partial_tail=True):
             key = f"{s.judge}.{'perfect' if s.perfect else s.malformed or 'imperfect'}"
             counts[key] = counts.get(key, 0) + 1
+    failed = {k: v for k, v in counts.items() if k.endswith(".backend_failed")}
+    if failed:
+        # Rejecting these silently would bias the round's data toward whatever the judge
+        # server happened to answer; the shard stays not-done and a rerun asks only these.
+        per_judge = ", ".join(f"{k.rsplit('.', 1)[0]}: {v}" for k, v in sorted(failed.items()))
+        raise UserError(
+            f"judge shard {shard}: {sum(failed.values())} judge call(s) got no reply from the judge backend "
+            f"({per_judge}); the other verdicts are kept, and a rerun asks only these again",
+            where=str(out_path), fix="check the judge endpoints (promptcot.judges[].backend, or "
+                                     "teacher.backend) and their timeouts, then rerun the stage")
     return counts
 
 
