@@ -289,7 +289,10 @@ def main_grad_mismatches(device) -> torch.Tensor:
     from the ``grad_scale`` a fused op had already applied to ``main_grad``. Read it with
     the step's other statistics (no extra host sync) and reset with ``.zero_()``; non-zero
     means that step's LM-head gradient is wrong and must not be applied."""
-    key = str(torch.device(device))
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:   # "cuda" and "cuda:0" are one counter
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
     if key not in _MISMATCH:
         _MISMATCH[key] = torch.zeros((), dtype=torch.int32, device=device)
     return _MISMATCH[key]
