@@ -1,4 +1,6 @@
-"""``dist.spawn`` leaves no process behind when its parent is SIGKILLed (issue 20).
+"""``dist.spawn`` leaves no process behind when its parent is SIGKILLed (issue 20), nor
+when a rank that started a ``multiprocessing.Manager`` (as Megatron's async checkpoint
+writer does) finishes normally.
 
 The old spawn kept results in a ``multiprocessing.Manager`` whose server process (about
 220 MB) was re-parented to PID 1 and ran forever after ``kill -9`` of the parent. Every
@@ -90,3 +92,33 @@ def test_no_process_survives_the_parent(tmp_path, sig):
         except ProcessLookupError:
             pass
     assert not left, f"processes left after {sig.name} of the parent: {left}"
+
+
+def _rank_with_a_manager(rank, world):
+    """What Megatron's FileSystemWriterAsync does on the first save: a module-level spawn
+    Manager whose server process would outlive a rank that ends with os._exit."""
+    import multiprocessing as mp
+
+    manager = mp.get_context("spawn").Manager()
+    queue = manager.Queue()
+    queue.put(rank)
+    _rank_with_a_manager.keep = (manager, queue)  # referenced until the process ends, like a global
+    return manager._process.pid
+
+
+def test_a_manager_started_inside_a_rank_does_not_outlive_it():
+    from megatron_sz import dist
+
+    pids = dist.spawn(_rank_with_a_manager, 2, backend="gloo")
+    deadline = time.time() + 10
+    alive = [p for p in pids if Path(f"/proc/{p}").exists()]
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and
+                 Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not alive, f"manager server processes left behind by finished ranks: {alive}"
