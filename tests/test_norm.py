@@ -69,7 +69,7 @@ def _build_bf16(rank, world, hf_dir):
     gpt = unwrap(chunk)
     norms = [(n, type(m).__name__, str(m.weight.dtype)) for n, m in gpt.named_modules()
              if "norm" in n.split(".")[-1] and type(m).__name__ != "IdentityOp"]
-    ids = torch.randint(0, 100, (2, 8))
+    ids = torch.randint(0, 100, (2, 8)).to(next(chunk.parameters()).device)  # the GPU when there is one
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mm.forward_hidden(chunk, ids)
