@@ -191,8 +191,8 @@ class StepEngine:
 
             mismatches = main_grad_mismatches(self.device)
             mismatches.zero_()
-            for mb in mbs:
-                mb.fusion = {"main_grad": True, "grad_scale": mb.loss_scale / len(mbs)}
+            for mb in mbs:  # (a row with no loss units has factor 0: nothing to fuse there)
+                mb.fusion = {"main_grad": True, "grad_scale": mb.loss_scale / len(mbs)} if mb.loss_scale > 0 else {}
 
         def fn(hidden, weight, mb):
             loss, stats = self.objective.train_loss(hidden, weight, mb)
