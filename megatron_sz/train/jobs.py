@@ -454,8 +454,10 @@ def _engine(s: _Setting, model: _Model, data: _Data, ref_path: str | None, *, pa
                      pad_to_multiple_of=s.spec.pad_to_multiple_of, device=s.device,
                      packed=data.plan.pack_length is not None, pack_length=data.plan.pack_length)
     kw = dict(tp_group=s.info.tp_group, vocab_size=model.vocab)
+    import torch
+
     # fp16 scales the loss by a dynamic factor the fused op cannot know in forward
-    fusion = s.spec.gradient_accumulation_fusion and str(model.params_dtype) != "torch.float16"
+    fusion = s.spec.gradient_accumulation_fusion and model.params_dtype != torch.float16
     ref_table = None
     if s.job.uses_reference(s.spec):
         ref_table = _reference_logps(data.items, out=s.out, ref_path=ref_path, start=model.start, spec=s.spec,
